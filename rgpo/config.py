@@ -1,0 +1,557 @@
+"""The run configuration: one typed dataclass tree, loaded from YAML files plus ``key.sub=value`` overrides.
+
+Defaults reproduce MindOmni's released RGPO stage (LoRA r64/alpha128 on the language model, G=4, 8 prompts x 4
+chains per step, temperature 1, 512x512 images with 50 steps and guidance 3 from one shared seed, format +
+CLIP-consistency rewards, beta 0.01, image-KL coefficient 0.01, lr 1e-5 linear decay, clip 1.0, ZeRO-2).
+
+Every field carries its docstring right below it; ``tests/test_config.py`` checks that none is missing.
+Unknown keys, wrong types and impossible combinations raise :class:`ConfigError` naming the key, the value,
+what is valid and why (and the YAML ``file:line`` when the value came from a file).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run: the message names the key, the value and what is valid."""
+
+
+# ------------------------------------------------------------------------------------------------ the tree
+@dataclass
+class ModelConfig:
+    family: str = "mindomni"
+    """Unified-model family (see ``rgpo.models.MODEL_FAMILIES``)."""
+    path: str | None = None
+    """Checkpoint folder in the family's released layout (MindOmni: mllm/, image_decoder/, vae/,
+    connector.safetensors). ``tiny`` builds a tiny random model in memory (tests, smoke runs)."""
+    dtype: str = "bfloat16"
+    """Weights and compute dtype of the VLM, connector and decoder: bfloat16, float16 or float32. The VAE
+    always runs in float32."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (VLM and decoder): less memory, ~30% more compute."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside the checkpoint folder to run. Off: only library classes are used."""
+
+
+@dataclass
+class TrainableConfig:
+    mode: str = "lora"
+    """What of the VLM's language model trains: ``lora`` (peft adapter; the reference is the adapter disabled,
+    as MindOmni) or ``full`` (every language-model weight; the reference is a separate frozen copy)."""
+    lora_r: int = 64
+    """LoRA rank (MindOmni: 64)."""
+    lora_alpha: int = 128
+    """LoRA scaling numerator (MindOmni: 128)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input (MindOmni: 0.05). Set 0 for bit-exact reproducibility checks."""
+    train_connector: bool = False
+    """Also train the connector (MindOmni freezes it; gradients flow through it either way)."""
+    decoder_lora_r: int = 0
+    """Rank of a LoRA on the decoder's attention projections; 0 = decoder frozen (MindOmni)."""
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ""
+    """JSONL prompt file: ``prompt`` (or MindOmni's ``conversations[0].value``), optional ``images`` (paths
+    relative to the file), optional ``gt_prompt``; every other column is passed to the rewards."""
+    eval_file: str | None = None
+    """Held-out JSONL prompt file for periodic evaluation (same format)."""
+    shuffle: bool = True
+    """Reshuffle the prompts every epoch (seeded by ``seed``)."""
+    seed: int = 0
+    """Seed for data order and text sampling."""
+
+
+@dataclass
+class ImageConfig:
+    enabled: bool = True
+    """Draw an image per chain. False gives plain VLM GRPO on text (no decoder, no image KL)."""
+    height: int = 512
+    """Image height in pixels; a multiple of 16 (VAE factor 8 x patch 2)."""
+    width: int = 512
+    """Image width in pixels; a multiple of 16."""
+    steps: int = 50
+    """Euler denoising steps."""
+    guidance_scale: float = 3.0
+    """Classifier-free guidance scale against the fixed negative prompt; 1 disables guidance."""
+    seed: int = 42
+    """Seed of the initial noise. MindOmni uses 42 for every rollout of every step."""
+    shared_noise: bool = True
+    """One initial noise per group (MindOmni): reward differences inside a group come only from the text."""
+
+
+@dataclass
+class RolloutConfig:
+    num_generations: int = 4
+    """G, the reasoning chains sampled per prompt."""
+    batch_size: int = 32
+    """Chains per optimizer step, all ranks together (MindOmni: 8 prompts x 4). A multiple of
+    ``num_generations`` and of the number of ranks."""
+    max_new_tokens: int = 2048
+    """Maximum reasoning-chain length in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the chains."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1 disables."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    """How each chain's image is drawn."""
+
+
+@dataclass
+class RewardSpec:
+    name: str = "format"
+    """A registered reward (``format``, ``format_strict``, ``clip_consistency``), a dotted path
+    ``package.module:function``, or a file path ``path/to/file.py:function``."""
+    weight: float = 1.0
+    """Weight of this reward in the total (MindOmni: an unweighted sum)."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for a reward class (e.g. ``pretrained`` for clip_consistency)."""
+
+
+def _default_rewards() -> list[RewardSpec]:
+    return [RewardSpec("format", 1.0), RewardSpec("clip_consistency", 1.0)]
+
+
+@dataclass
+class RewardsConfig:
+    functions: list[RewardSpec] = field(default_factory=_default_rewards)
+    """The reward functions, summed with their weights."""
+    timeout_s: float | None = 600.0
+    """Seconds a reward may take for one batch before the step fails with an error naming it; None: no limit."""
+
+
+@dataclass
+class LossConfig:
+    beta: float = 0.01
+    """Coefficient of the text KL (against the reference) per token (MindOmni: 0.01)."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator: k1, k2 or k3 (MindOmni, GRPO: k3)."""
+    epsilon_low: float = 0.2
+    """Lower clip range of the ratio: clip(r, 1 - epsilon_low, ...)."""
+    epsilon_high: float = 0.2
+    """Upper clip range of the ratio (DAPO's clip-higher uses ~0.28)."""
+    aggregation: str = "grpo"
+    """Loss aggregation: grpo (per-sequence mean, then mean; MindOmni), bnpo/dapo (token mean), dr_grpo."""
+    advantage_scale: str = "group"
+    """Advantage normalisation: group (unbiased group std; MindOmni), batch, none."""
+    advantage_eps: float = 1e-4
+    """Added to the std of the advantage normalisation (MindOmni: 1e-4)."""
+    image_kl_coef: float = 0.01
+    """Coefficient of the image regulariser (MindOmni's diff_beta). The released script passes 0.06 but the
+    value never reaches the trainer, so 0.01, the trainer's default, is what produced the published model;
+    rgpo defaults to what ran."""
+    image_regularizer: str = "feature_kl"
+    """Image-side regulariser: feature_kl (MindOmni's layer-wise decoder-feature KL), velocity_mse, or none."""
+    image_kl_tau: float = 3.0
+    """Softmax temperature of feature_kl (MindOmni: 3)."""
+    image_kl_timesteps: int = 1
+    """Timesteps drawn per sample for the image regulariser (MindOmni: 1, uniform on a 51-point grid)."""
+    num_iterations: int = 1
+    """Updates per rollout batch. 1 (MindOmni) keeps the ratio at exactly 1; more reuse the rollouts with the
+    clipped ratio against the sampling policy's log-probs."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate (MindOmni: 1e-5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: str = "linear"
+    """Learning-rate schedule after warm-up: linear (decay to 0 at max_steps; MindOmni), cosine, constant."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (MindOmni: 0)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip (MindOmni: 1.0); 0 disables."""
+    max_steps: int = 600
+    """Optimizer steps of the run (MindOmni: ~600)."""
+    micro_batch_size: int = 4
+    """Chains per forward/backward on one rank; the rank's share of ``rollout.batch_size`` is accumulated over
+    micro-batches into one optimizer step."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "configs/zero2.json"
+    """DeepSpeed JSON (``auto`` values are filled from this config); a path relative to the working directory
+    or to the run's YAML file."""
+    zero_stage: int | None = None
+    """Override of the JSON's ZeRO stage (0-3)."""
+    backend: str | None = None
+    """torch.distributed backend; None: nccl on CUDA, gloo on CPU."""
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "outputs/rgpo"
+    """Where checkpoints, samples, plots and the wandb run folder go."""
+    project: str = "rgpo"
+    """wandb project."""
+    run_name: str | None = None
+    """wandb run name (default: the output folder's name)."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    mode: str | None = None
+    """wandb mode: online, offline or disabled; None: the WANDB_MODE environment variable, else online."""
+    log_every: int = 1
+    """Log scalars every N steps."""
+    table_every: int = 10
+    """Log a table of prompts, reasoning chains, images, rewards and advantages every N steps; 0: never."""
+    progress_bar: bool = True
+    """Show a console progress bar on rank 0."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Save a checkpoint every N steps (and at the end); 0: only at the end."""
+    keep_last: int = 3
+    """How many complete checkpoints to keep."""
+    resume: str | None = "auto"
+    """auto: resume from the newest complete checkpoint in output_dir if there is one; a path: from it;
+    None: start fresh."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50
+    """Evaluate on ``data.eval_file`` every N steps; 0: never."""
+    num_prompts: int = 5
+    """Held-out prompts per evaluation (MindOmni logs 5 validation images)."""
+
+
+@dataclass
+class RGPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The unified model."""
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    """What trains."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt data."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of chains and images."""
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    """Reward functions."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The RGPO objective."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """wandb and console."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation."""
+    seed: int = 0
+    """Global seed (model init of new parts, image-KL noise and timesteps)."""
+    max_nonfinite_steps: int = 3
+    """Stop the run after this many optimizer steps in a row with a NaN/inf loss or gradient (each is skipped)."""
+
+    def validate(self, world_size: int = 1) -> RGPOConfig:
+        """Cross-field checks; raises ConfigError explaining why a combination cannot run."""
+        _check_choices(self)
+        r, o = self.rollout, self.optim
+        _require(r.num_generations >= 2, "rollout.num_generations", r.num_generations,
+                 ">= 2: group advantages compare chains of the same prompt; one chain has nothing to compare with")
+        _require(r.batch_size % r.num_generations == 0, "rollout.batch_size", r.batch_size,
+                 f"a multiple of rollout.num_generations={r.num_generations}: every prompt gets a whole group")
+        _require(r.batch_size % world_size == 0, "rollout.batch_size", r.batch_size,
+                 f"a multiple of the number of ranks ({world_size}): each rank samples the same number of chains")
+        per_rank = r.batch_size // world_size
+        _require(o.micro_batch_size >= 1 and per_rank % o.micro_batch_size == 0, "optim.micro_batch_size",
+                 o.micro_batch_size, f"a divisor of the chains per rank ({r.batch_size} / {world_size} ranks = {per_rank})")
+        if r.image.enabled:
+            for key in ("height", "width"):
+                value = getattr(r.image, key)
+                _require(value > 0 and value % 16 == 0, f"rollout.image.{key}", value,
+                         "a positive multiple of 16: the VAE downsamples by 8 and the decoder patches by 2")
+            _require(r.image.steps >= 1, "rollout.image.steps", r.image.steps, ">= 1")
+        _require(self.loss.image_kl_timesteps >= 1, "loss.image_kl_timesteps", self.loss.image_kl_timesteps, ">= 1")
+        _require(r.temperature > 0, "rollout.temperature", r.temperature, "> 0 (sampling needs a temperature)")
+        _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+        _require(o.max_steps >= 1, "optim.max_steps", o.max_steps, ">= 1")
+        _require(self.loss.num_iterations >= 1, "loss.num_iterations", self.loss.num_iterations, ">= 1")
+        _require(self.trainable.mode != "lora" or self.trainable.lora_r >= 1, "trainable.lora_r",
+                 self.trainable.lora_r, ">= 1 when trainable.mode is lora")
+        _require(self.loss.beta >= 0 and self.loss.image_kl_coef >= 0, "loss.beta / loss.image_kl_coef",
+                 (self.loss.beta, self.loss.image_kl_coef), ">= 0: a negative KL coefficient rewards drifting away")
+        _require(bool(self.rewards.functions), "rewards.functions", [], "at least one reward function")
+        names = [spec.name for spec in self.rewards.functions]
+        _require(len(set(names)) == len(names), "rewards.functions", names, "each reward listed once")
+        _require(bool(self.data.train_file), "data.train_file", self.data.train_file, "a JSONL prompt file")
+        return self
+
+
+_CHOICES = {
+    "model.dtype": ("bfloat16", "float16", "float32"),
+    "trainable.mode": ("lora", "full"),
+    "loss.kl_estimator": ("k1", "k2", "k3"),
+    "loss.aggregation": ("grpo", "bnpo", "dapo", "dr_grpo"),
+    "loss.advantage_scale": ("group", "batch", "none"),
+    "loss.image_regularizer": ("feature_kl", "velocity_mse", "none"),
+    "optim.schedule": ("linear", "cosine", "constant"),
+    "logging.mode": (None, "online", "offline", "disabled"),
+}
+
+
+def _check_choices(cfg: RGPOConfig) -> None:
+    for key, valid in _CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {[v for v in valid if v is not None]}")
+
+
+def _require(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} cannot run: it must be {valid}")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def get_key(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (read from the source)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the type ``hint`` (building nested dataclasses); ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}{where}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _build(hint, value, key, where_map=None, fallback_where=where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={value!r}{where}: expected {_type_name(hint)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}{where}: expected a list of {_type_name(typing.get_args(hint)[0])}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r}{where}: expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}{where}: expected a mapping")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-6 (no dot) as a string: accept what float() reads, reject the rest below.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{key}={value!r}{where}: expected {_type_name(hint)}, got {type(value).__name__}")
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _build(cls: type, values: dict, prefix: str, where_map: dict | None, fallback_where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        where = (where_map or {}).get(full, fallback_where)
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {full!r}{where}{hint}; valid keys here: {names}")
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t) and isinstance(value, dict):
+            kwargs[key] = _build(hint_t, value, full, where_map, where)
+        elif typing.get_origin(hint_t) is list and typing.get_args(hint_t) and dataclasses.is_dataclass(typing.get_args(hint_t)[0]):
+            item_cls = typing.get_args(hint_t)[0]
+            if not isinstance(value, list):
+                raise ConfigError(f"{full}={value!r}{where}: expected a list of {item_cls.__name__} mappings")
+            kwargs[key] = [_build(item_cls, _as_mapping(v, f"{full}[{i}]", where), f"{full}[{i}]", where_map, where)
+                           for i, v in enumerate(value)]
+        else:
+            kwargs[key] = _coerce(value, hint_t, full, where)
+    return cls(**kwargs)
+
+
+def _as_mapping(value: Any, key: str, where: str) -> dict:
+    # A bare string in a reward list is shorthand for {name: ..., weight: 1.0}.
+    if isinstance(value, str):
+        return {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r}{where}: expected a mapping")
+    return value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _yaml_lines(path: Path) -> tuple[dict, dict[str, str]]:
+    """Parse a YAML mapping and remember ``file:line`` of every key path (for error messages)."""
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections, got {type(data).__name__}")
+    where: dict[str, str] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}.{k.value}" if prefix else k.value
+                where[key] = f" (at {path}:{k.start_mark.line + 1})"
+                walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, f"{prefix}[{i}]")
+
+    walk(node, "")
+    return data, where
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. optim.lr=2e-5)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def load_config(paths: str | Path | list | None = None, overrides: list[str] | None = None) -> RGPOConfig:
+    """Load YAML files (later ones override earlier ones), then ``key.sub=value`` overrides.
+
+    A YAML file may name others to start from with a top-level ``base: [other.yaml, ...]`` (relative paths are
+    resolved against the file). Relative ``deepspeed.config`` paths are resolved against the YAML file when
+    they exist there."""
+    merged: dict = {}
+    where: dict[str, str] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else (paths or []):
+        data, lines = _load_with_bases(Path(path))
+        merged = _merge(merged, data)
+        where.update(lines)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        merged = _merge(merged, _nest(parts, value))
+        where[".".join(parts)] = f" (from the command-line override {text!r})"
+    return _build(RGPOConfig, merged, "", where)
+
+
+def _load_with_bases(path: Path) -> tuple[dict, dict[str, str]]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data, where = _yaml_lines(path)
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    lines: dict[str, str] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_data, base_lines = _load_with_bases(path.parent / base)
+        merged = _merge(merged, base_data)
+        lines.update(base_lines)
+    ds = data.get("deepspeed", {})
+    if isinstance(ds, dict) and isinstance(ds.get("config"), str) and not Path(ds["config"]).is_absolute():
+        candidate = path.parent / ds["config"]
+        if candidate.exists() and not Path(ds["config"]).exists():
+            ds["config"] = str(candidate)
+    merged = _merge(merged, data)
+    lines.update(where)
+    return merged, lines
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (for wandb and checkpoints); tuples become lists."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: RGPOConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def all_config_classes() -> list[type]:
+    """Every dataclass of the tree (for documentation and the docstring check)."""
+    seen, todo = [], [RGPOConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        for hint in typing.get_type_hints(cls).values():
+            for candidate in (hint, *typing.get_args(hint)):
+                if dataclasses.is_dataclass(candidate):
+                    todo.append(candidate)
+    return seen

@@ -1,0 +1,172 @@
+"""Prompt data: JSONL files, their validation, and the deterministic, resumable order in which RGPO visits them.
+
+A row is ``{"prompt": str, "images": [paths relative to the file]?, "gt_prompt": str?, ...any column}``;
+MindOmni's own rows (``{"conversations": [{"value": instruction}, ...], "gt_prompt": ...}``) are read as is.
+Every column other than ``prompt`` and ``images`` reaches the reward functions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """A prompt file that cannot be used: the message names the file, the line and the field."""
+
+
+@dataclass
+class PromptRow:
+    """One prompt: its instruction, optional input-image paths and every other column."""
+
+    prompt: str
+    image_paths: list[str]
+    columns: dict[str, Any]
+    source: str  # "file:line", for error messages
+
+    def load_images(self) -> list[Image.Image]:
+        images = []
+        for path in self.image_paths:
+            try:
+                with Image.open(path) as img:
+                    images.append(img.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as e:
+                raise DataError(f"{self.source}: image {path} cannot be read: {e}") from e
+        return images
+
+    def as_model_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"prompt": self.prompt}
+        if self.image_paths:
+            row["images"] = self.load_images()
+        return row
+
+
+def _instruction(record: dict, source: str) -> str:
+    if "prompt" in record:
+        prompt = record["prompt"]
+    elif "conversations" in record:
+        conv = record["conversations"]
+        if not (isinstance(conv, list) and conv and isinstance(conv[0], dict) and "value" in conv[0]):
+            raise DataError(f"{source}: 'conversations' must be a list whose first item has a 'value' (MindOmni format)")
+        prompt = conv[0]["value"]
+    else:
+        raise DataError(f"{source}: no 'prompt' field (nor MindOmni's 'conversations'); fields present: {sorted(record)}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{source}: 'prompt' must be a non-empty string, got {prompt!r}")
+    return prompt
+
+
+def _image_paths(record: dict, base: Path, source: str) -> list[str]:
+    images = record.get("images", record.get("image_path"))
+    if images is None:
+        return []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(f"{source}: 'images' must be a list of paths, got {images!r}")
+    paths = []
+    for rel in images:
+        path = (base / rel) if not Path(rel).is_absolute() else Path(rel)
+        if not path.is_file():
+            raise DataError(f"{source}: image {rel!r} does not exist (looked for {path})")
+        try:
+            with Image.open(path) as img:
+                img.verify()  # reads the header only: cheap enough to check every image before training
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"{source}: image {rel!r} is not a readable image ({e})") from e
+        paths.append(str(path))
+    return paths
+
+
+def load_prompts(path: str | Path) -> list[PromptRow]:
+    """Read and validate a JSONL prompt file. Blank lines are skipped; any malformed line is an error that
+    names ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompt file {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{source}: each line must be a JSON object, got {type(record).__name__}")
+            prompt = _instruction(record, source)
+            images = _image_paths(record, path.parent, source)
+            columns = {k: v for k, v in record.items() if k not in ("prompt", "images", "image_path", "conversations")}
+            rows.append(PromptRow(prompt, images, columns, source))
+    if not rows:
+        raise DataError(f"prompt file {path} holds no prompts")
+    return rows
+
+
+def check_columns(rows: list[PromptRow], column: str, needed_by: str) -> None:
+    """Fail before training when a reward needs a column that some row lacks."""
+    for row in rows:
+        if column not in row.columns:
+            raise DataError(f"{row.source}: reward {needed_by!r} needs column {column!r}; this row has {sorted(row.columns)}")
+
+
+@dataclass
+class GroupSlot:
+    """One chain to sample on this rank: which prompt, and its index in the step's global batch."""
+
+    prompt_index: int  # index into the dataset
+    group: int  # index of the group (prompt) within the step
+    global_index: int  # index of the chain within the step's global batch
+
+
+class PromptSampler:
+    """Which prompts each step uses, and which of their chains each rank samples.
+
+    Every rank walks the same seeded order (a new permutation each epoch when ``shuffle``), ``prompts_per_step``
+    prompts per step. The step's global batch lists each prompt ``group_size`` times in a row (p0 x G, p1 x G,
+    ...), and rank ``r`` takes the ``r``-th contiguous slice, so a group may span ranks when the per-rank count
+    is not a multiple of G; rewards are gathered across ranks before advantages for that reason.
+    The state (epoch, position) is two integers, saved with every checkpoint.
+    """
+
+    def __init__(self, num_prompts: int, prompts_per_step: int, group_size: int, *, seed: int = 0,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if num_prompts < prompts_per_step:
+            raise DataError(
+                f"the prompt file holds {num_prompts} prompts but one step needs {prompts_per_step} "
+                f"(rollout.batch_size / rollout.num_generations); add prompts or lower rollout.batch_size")
+        self.num_prompts, self.prompts_per_step, self.group_size = num_prompts, prompts_per_step, group_size
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.num_prompts))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_step(self) -> list[GroupSlot]:
+        """This rank's chains for the next step (advances the state)."""
+        if self.position + self.prompts_per_step > self.num_prompts:
+            # Drop the epoch's tail so every step sees distinct prompts.
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self._order(self.epoch)
+        prompts = order[self.position : self.position + self.prompts_per_step]
+        self.position += self.prompts_per_step
+        total = self.prompts_per_step * self.group_size
+        per_rank = total // self.world_size
+        start = self.rank * per_rank
+        return [GroupSlot(prompts[i // self.group_size], i // self.group_size, i) for i in range(start, start + per_rank)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,232 @@
+"""The adapter interface between the RGPO trainer and a unified reason-then-draw model.
+
+A family (MindOmni today) implements :class:`UnifiedModel`; the trainer only calls what is declared here, so a
+new family (BLIP3-o, Nexus-Gen, ...) plugs in without touching the trainer. Register it in
+``rgpo.models.registry``.
+
+Conventions shared by every method:
+- ``N`` is the number of samples (prompts x chains), ``P`` the padded prompt length (LEFT-padded),
+  ``T`` the padded completion length (RIGHT-padded), ``L`` a padded condition length (LEFT-padded),
+  ``D`` the decoder's hidden size, ``C, h, w`` the latent shape.
+- Masks are integer/bool tensors with 1 for real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class PromptBatch:
+    """Tokenised chat prompts, one row per sample, ready for ``generate`` and ``forward``.
+
+    ``vision`` holds the extra model inputs for input images (``pixel_values``, ``image_grid_thw``, ...), already
+    aligned with the rows; it is empty for text-only prompts.
+    """
+
+    input_ids: torch.Tensor  # (N, P) left-padded
+    attention_mask: torch.Tensor  # (N, P)
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        return PromptBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            {k: v.to(device) for k, v in self.vision.items()},
+        )
+
+    def repeat_interleave(self, repeats: int) -> PromptBatch:
+        """Each prompt row repeated ``repeats`` times in place (group layout: p0,p0,p1,p1,...)."""
+        return PromptBatch(
+            self.input_ids.repeat_interleave(repeats, 0),
+            self.attention_mask.repeat_interleave(repeats, 0),
+            _repeat_vision(self.vision, self.attention_mask.shape[0], repeats),
+        )
+
+
+def _repeat_vision(vision: dict[str, torch.Tensor], num_rows: int, repeats: int) -> dict[str, torch.Tensor]:
+    """Repeat per-row vision tensors. Qwen-style ``pixel_values`` are flat over images, so they are repeated
+    by chunks that follow ``image_grid_thw`` (one row per image), not by rows."""
+    if not vision:
+        return {}
+    out = {}
+    grid = vision.get("image_grid_thw")
+    for key, value in vision.items():
+        if key == "pixel_values" and grid is not None:
+            sizes = grid.prod(-1).tolist()
+            chunks = torch.split(value, sizes, 0)
+            images_per_row = len(chunks) // num_rows
+            rows = [torch.cat(chunks[i * images_per_row : (i + 1) * images_per_row]) for i in range(num_rows)]
+            out[key] = torch.cat([r for r in rows for _ in range(repeats)])
+        elif key == "image_grid_thw":
+            images_per_row = value.shape[0] // num_rows
+            rows = value.view(num_rows, images_per_row, -1)
+            out[key] = rows.repeat_interleave(repeats, 0).reshape(-1, value.shape[-1])
+        else:
+            out[key] = value.repeat_interleave(repeats, 0)
+    return out
+
+
+@dataclass
+class Completions:
+    """Sampled reasoning chains.
+
+    ``completion_mask`` is 1 up to and including the first EOS and 0 after it. ``condition_lengths[i]`` is
+    how many completion tokens belong to the image condition of sample ``i`` (the tokens before ``</answer>``,
+    or every token before EOS when the chain never closed its answer).
+    """
+
+    completion_ids: torch.Tensor  # (N, T) right-padded
+    completion_mask: torch.Tensor  # (N, T)
+    texts: list[str]
+    condition_lengths: torch.Tensor  # (N,) long
+
+    def to(self, device: torch.device | str) -> Completions:
+        return Completions(
+            self.completion_ids.to(device), self.completion_mask.to(device), self.texts, self.condition_lengths.to(device)
+        )
+
+
+@dataclass
+class ForwardOutput:
+    """What one forward over ``prompt + completion`` gives the trainer.
+
+    ``logps[i, j]`` is log p(completion_ids[i, j] | everything before it); positions where the completion mask
+    is 0 hold arbitrary finite values. ``condition`` / ``condition_mask`` are the decoder's conditioning inputs
+    BEFORE the connector: the VLM's last-layer PRE-norm hidden states at the prompt tokens plus the first
+    ``condition_lengths[i]`` completion tokens, re-packed LEFT-padded. ``None`` when not asked for.
+    """
+
+    logps: torch.Tensor  # (N, T) float32
+    condition: torch.Tensor | None = None  # (N, L, H_vlm)
+    condition_mask: torch.Tensor | None = None  # (N, L)
+
+
+@dataclass
+class ImageSamplingConfig:
+    """How images are drawn from the decoder."""
+
+    height: int = 512
+    width: int = 512
+    steps: int = 50
+    guidance_scale: float = 3.0
+    seed: int = 42
+    shared_noise: bool = True  # one initial noise per group (MindOmni); False: one per sample
+
+
+@dataclass
+class DecoderOutput:
+    """Decoder outputs for given condition, latents and t.
+
+    ``features`` stacks every layer's input hidden states at the output-image token positions plus the final
+    normed output: (N, num_layers + 1, num_image_tokens, D). ``velocity`` is the predicted velocity (N, C, h, w).
+    """
+
+    velocity: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+class UnifiedModel(torch.nn.Module):
+    """A VLM that reasons, a connector, a diffusion decoder and a VAE, as ONE module.
+
+    One module so that DeepSpeed wraps, partitions (ZeRO-3) and checkpoints everything together. Which
+    parameters are trainable is decided by the trainer (LoRA through peft on ``vlm``'s language model by default).
+    """
+
+    family: str = "base"
+
+    # -- text side ------------------------------------------------------------------------------------------------
+    def build_prompts(self, rows: list[dict[str, Any]]) -> PromptBatch:
+        """Chat-template prompts from data rows: ``row["prompt"]`` is the instruction text, ``row.get("images")``
+        an optional list of PIL images that reach the VLM's vision tower."""
+        raise NotImplementedError
+
+    def generate(
+        self,
+        prompts: PromptBatch,
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Completions:
+        """Sample ``num_generations`` chains per prompt row; rows of the result are grouped (p0 x G, p1 x G, ...)."""
+        raise NotImplementedError
+
+    def forward_text(
+        self, prompts: PromptBatch, completions: Completions, *, with_condition: bool = True
+    ) -> ForwardOutput:
+        """ONE forward over ``prompt + completion``: per-token log-probs and (optionally) the condition states.
+
+        ``prompts`` has one row per completion (already repeated). Never materialises a full-vocabulary
+        log-softmax for the whole batch."""
+        raise NotImplementedError
+
+    def negative_condition(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm hidden states of the fixed negative prompt (no reasoning), repeated ``num`` times:
+        ``(condition (num, L, H_vlm), mask (num, L))``. Used for classifier-free guidance."""
+        raise NotImplementedError
+
+    # -- image side -----------------------------------------------------------------------------------------------
+    def connect(self, condition: torch.Tensor, condition_mask: torch.Tensor) -> torch.Tensor:
+        """The connector: VLM states (N, L, H_vlm) -> decoder condition embeddings (N, L, D)."""
+        raise NotImplementedError
+
+    def decode_step(
+        self,
+        cond_embeds: torch.Tensor,
+        cond_mask: torch.Tensor,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        return_features: bool = False,
+    ) -> DecoderOutput:
+        """One decoder evaluation: velocity at (latents, t) given the condition; ``t`` (N,) with 0 = noise."""
+        raise NotImplementedError
+
+    def initial_noise(self, num: int, group_size: int, cfg: ImageSamplingConfig, device=None) -> torch.Tensor:
+        """Seeded initial latents (num, C, h, w); shared within each group of ``group_size`` when
+        ``cfg.shared_noise``."""
+        raise NotImplementedError
+
+    def sample_latents(
+        self,
+        cond_embeds: torch.Tensor,
+        cond_mask: torch.Tensor,
+        neg_embeds: torch.Tensor | None,
+        neg_mask: torch.Tensor | None,
+        noise: torch.Tensor,
+        cfg: ImageSamplingConfig,
+    ) -> torch.Tensor:
+        """Deterministic Euler flow-matching sampling from ``noise`` (t: 0 -> 1) with classifier-free guidance
+        (``neg_embeds`` None or guidance 1: unguided). Returns final latents (N, C, h, w)."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """VAE decode (fp32) to PIL images."""
+        raise NotImplementedError
+
+    # -- what trains ----------------------------------------------------------------------------------------------
+    def language_model_lora_targets(self) -> list[str]:
+        """Module names for the default LoRA (the VLM's language model and lm_head, never the vision tower)."""
+        raise NotImplementedError
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> UnifiedModel:
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str) -> None:
+        raise NotImplementedError
+
+
+def dataclass_to(obj, device):
+    """Move every tensor field of a dataclass to ``device`` (a shallow copy)."""
+    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return type(obj)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})

@@ -1,0 +1,103 @@
+"""The config tree: defaults as released, strict loading, errors that name key, value, place and reason."""
+
+from pathlib import Path
+
+import pytest
+
+from rgpo.config import ConfigError, RGPOConfig, all_config_classes, field_docs, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_field_has_a_docstring():
+    for cls in all_config_classes():
+        import dataclasses
+
+        missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls))
+        assert not missing, f"{cls.__name__} fields without a docstring: {sorted(missing)}"
+
+
+def test_defaults_are_mindomni_released_rgpo():
+    cfg = RGPOConfig()
+    assert (cfg.trainable.mode, cfg.trainable.lora_r, cfg.trainable.lora_alpha, cfg.trainable.lora_dropout) == ("lora", 64, 128, 0.05)
+    assert (cfg.rollout.num_generations, cfg.rollout.batch_size, cfg.rollout.temperature) == (4, 32, 1.0)
+    img = cfg.rollout.image
+    assert (img.height, img.width, img.steps, img.guidance_scale, img.seed, img.shared_noise) == (512, 512, 50, 3.0, 42, True)
+    assert [(r.name, r.weight) for r in cfg.rewards.functions] == [("format", 1.0), ("clip_consistency", 1.0)]
+    loss = cfg.loss
+    assert (loss.beta, loss.kl_estimator, loss.epsilon_low, loss.aggregation, loss.advantage_eps) == (0.01, "k3", 0.2, "grpo", 1e-4)
+    assert (loss.image_kl_coef, loss.image_kl_tau, loss.image_regularizer) == (0.01, 3.0, "feature_kl")
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.max_grad_norm) == (1e-5, "linear", 0, 1.0)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 2.0e-5\nrollout:\n  num_generations: 8\n  batch_size: 64\n")
+    cfg = load_config(path, ["optim.lr=3e-6", "rollout.image.steps=10", "logging.tags=[a, b]"])
+    assert cfg.optim.lr == 3e-6 and cfg.rollout.num_generations == 8 and cfg.rollout.image.steps == 10
+    assert cfg.logging.tags == ["a", "b"] and cfg.rollout.batch_size == 64
+    # An int where a float is expected is fine.
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+def test_reward_list_forms(tmp_path):
+    path = write(tmp_path, "rewards:\n  functions:\n    - format\n    - {name: clip_consistency, weight: 0.5, kwargs: {pretrained: /w.pt}}\n")
+    cfg = load_config(path)
+    assert [(r.name, r.weight) for r in cfg.rewards.functions] == [("format", 1.0), ("clip_consistency", 0.5)]
+    assert cfg.rewards.functions[1].kwargs == {"pretrained": "/w.pt"}
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1.0e-5\n  learning_rate: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "optim.learning_rate" in msg and f"{path}:3" in msg and "'lr'" in msg
+
+
+def test_wrong_type_names_key_value_and_expected(tmp_path):
+    path = write(tmp_path, "rollout:\n  num_generations: four\n")
+    with pytest.raises(ConfigError, match=r"rollout\.num_generations='four'.*run\.yaml:2.*expected int"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"model\.gradient_checkpointing=1 \(from the command-line override"):
+        load_config(None, ["model.gradient_checkpointing=1"])
+
+
+def test_impossible_combinations_explain_why():
+    base = ["data.train_file=x.jsonl"]
+    with pytest.raises(ConfigError, match=r"rollout\.batch_size=30 .*multiple of rollout\.num_generations=4"):
+        load_config(None, base + ["rollout.batch_size=30"]).validate()
+    with pytest.raises(ConfigError, match=r"multiple of the number of ranks \(3\)"):
+        load_config(None, base).validate(world_size=3)
+    with pytest.raises(ConfigError, match=r"optim\.micro_batch_size=3 .*32 / 1 ranks = 32"):
+        load_config(None, base + ["optim.micro_batch_size=3"]).validate()
+    with pytest.raises(ConfigError, match=r"rollout\.image\.height=500 .*multiple of 16"):
+        load_config(None, base + ["rollout.image.height=500"]).validate()
+    with pytest.raises(ConfigError, match=r"loss\.aggregation='mean' is not valid; choose one of"):
+        load_config(None, base + ["loss.aggregation=mean"]).validate()
+    with pytest.raises(ConfigError, match=r"num_generations=1 .*nothing to compare"):
+        load_config(None, base + ["rollout.num_generations=1", "rollout.batch_size=8"]).validate()
+    with pytest.raises(ConfigError, match=r"data\.train_file"):
+        load_config(None).validate()
+
+
+def test_base_files_and_save_round_trip(tmp_path):
+    write(tmp_path, "optim:\n  lr: 5.0e-6\n  max_steps: 7\n", "base.yaml")
+    path = write(tmp_path, "base: base.yaml\noptim:\n  max_steps: 9\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 5e-6 and cfg.optim.max_steps == 9
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_validate(name):
+    cfg = load_config(REPO / "configs" / name)
+    world = {"mindomni_rgpo.yaml": 8, "mindomni_rgpo_zero3.yaml": 8}.get(name, 1)
+    cfg.validate(world_size=world)
