@@ -489,8 +489,8 @@ def load_config(paths: str | Path | list | None = None, overrides: list[str] | N
     """Load YAML files (later ones override earlier ones), then ``key.sub=value`` overrides.
 
     A YAML file may name others to start from with a top-level ``base: [other.yaml, ...]`` (relative paths are
-    resolved against the file). Relative ``deepspeed.config`` paths are resolved against the YAML file when
-    they exist there."""
+    resolved against the file). Relative ``deepspeed.config`` and ``data.*_file`` paths are resolved against the
+    YAML file when they exist there."""
     merged: dict = {}
     where: dict[str, str] = {}
     for path in [paths] if isinstance(paths, (str, Path)) else (paths or []):
@@ -515,14 +515,24 @@ def _load_with_bases(path: Path) -> tuple[dict, dict[str, str]]:
         base_data, base_lines = _load_with_bases(path.parent / base)
         merged = _merge(merged, base_data)
         lines.update(base_lines)
-    ds = data.get("deepspeed", {})
-    if isinstance(ds, dict) and isinstance(ds.get("config"), str) and not Path(ds["config"]).is_absolute():
-        candidate = path.parent / ds["config"]
-        if candidate.exists() and not Path(ds["config"]).exists():
-            ds["config"] = str(candidate)
+    _resolve_relative_paths(data, path.parent)
     merged = _merge(merged, data)
     lines.update(where)
     return merged, lines
+
+
+# Path-valued keys: a relative value that exists next to the YAML file (and not in the working directory) is
+# taken from there, so `rgpo train --config configs/x.yaml` works from any directory.
+_PATH_KEYS = (("deepspeed", "config"), ("data", "train_file"), ("data", "eval_file"))
+
+
+def _resolve_relative_paths(data: dict, folder: Path) -> None:
+    for section, key in _PATH_KEYS:
+        block = data.get(section)
+        if isinstance(block, dict) and isinstance(block.get(key), str) and block[key]:
+            value = Path(block[key])
+            if not value.is_absolute() and not value.exists() and (folder / value).exists():
+                block[key] = str(folder / value)
 
 
 def to_dict(cfg: Any) -> dict:

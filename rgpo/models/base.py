@@ -39,6 +39,12 @@ class PromptBatch:
             {k: v.to(device) for k, v in self.vision.items()},
         )
 
+    def select(self, rows: list[int]) -> PromptBatch:
+        """The given rows (in that order), vision inputs included."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        return PromptBatch(self.input_ids[index], self.attention_mask[index],
+                           _select_vision(self.vision, self.attention_mask.shape[0], rows))
+
     def repeat_interleave(self, repeats: int) -> PromptBatch:
         """Each prompt row repeated ``repeats`` times in place (group layout: p0,p0,p1,p1,...)."""
         return PromptBatch(
@@ -46,6 +52,23 @@ class PromptBatch:
             self.attention_mask.repeat_interleave(repeats, 0),
             _repeat_vision(self.vision, self.attention_mask.shape[0], repeats),
         )
+
+
+def _select_vision(vision: dict[str, torch.Tensor], num_rows: int, rows: list[int]) -> dict[str, torch.Tensor]:
+    if not vision:
+        return {}
+    out = {}
+    grid = vision.get("image_grid_thw")
+    images_per_row = grid.shape[0] // num_rows if grid is not None else 0
+    for key, value in vision.items():
+        if key == "pixel_values" and grid is not None:
+            chunks = torch.split(value, grid.prod(-1).tolist(), 0)
+            out[key] = torch.cat([chunks[r * images_per_row + j] for r in rows for j in range(images_per_row)])
+        elif key == "image_grid_thw":
+            out[key] = value.view(num_rows, images_per_row, -1)[rows].reshape(-1, value.shape[-1])
+        else:
+            out[key] = value[rows]
+    return out
 
 
 def _repeat_vision(vision: dict[str, torch.Tensor], num_rows: int, repeats: int) -> dict[str, torch.Tensor]:
@@ -84,6 +107,11 @@ class Completions:
     completion_mask: torch.Tensor  # (N, T)
     texts: list[str]
     condition_lengths: torch.Tensor  # (N,) long
+
+    def select(self, rows: list[int]) -> Completions:
+        index = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        return Completions(self.completion_ids[index], self.completion_mask[index], [self.texts[r] for r in rows],
+                           self.condition_lengths[index])
 
     def to(self, device: torch.device | str) -> Completions:
         return Completions(
@@ -138,6 +166,12 @@ class UnifiedModel(torch.nn.Module):
     """
 
     family: str = "base"
+
+    def forward(self, method: str, *args, **kwargs):
+        """Dispatch to one of the methods below. The trainer calls the DeepSpeed engine as
+        ``engine("forward_text", ...)`` so every training computation passes through the engine's forward
+        (ZeRO-3 parameter fetching and bookkeeping) while the model keeps several entry points."""
+        return getattr(self, method)(*args, **kwargs)
 
     # -- text side ------------------------------------------------------------------------------------------------
     def build_prompts(self, rows: list[dict[str, Any]]) -> PromptBatch:

@@ -1,0 +1,65 @@
+"""Turn a DeepSpeed JSON with ``auto`` values into the concrete config for this run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rgpo.config import ConfigError, RGPOConfig
+
+
+def _fill(node: Any, values: dict[str, Any], path: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _fill(v, values, f"{path}.{k}" if path else k) for k, v in node.items()}
+    if node == "auto":
+        if path not in values:
+            raise ConfigError(f"DeepSpeed config key {path!r} is 'auto' but rgpo has no value for it; set it explicitly")
+        return values[path]
+    return node
+
+
+def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed dict for ``cfg``: batch sizes, precision, optimizer and ZeRO settings filled in.
+
+    One optimizer step accumulates every micro-batch of the rank's share of the rollout batch.
+    """
+    path = Path(cfg.deepspeed.config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config={str(path)!r}: file not found (shipped: configs/zero2.json, configs/zero3.json, configs/zero3_offload.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config={str(path)!r}: not valid JSON: {e}") from e
+    per_rank = cfg.rollout.batch_size // world_size
+    hidden = zero_hidden_size or 1024
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
+        "gradient_accumulation_steps": per_rank // cfg.optim.micro_batch_size,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "bf16.enabled": cfg.model.dtype == "bfloat16",
+        "fp16.enabled": cfg.model.dtype == "float16",
+        "optimizer.params.lr": cfg.optim.lr,
+        "optimizer.params.betas": list(cfg.optim.adam_betas),
+        "optimizer.params.eps": cfg.optim.adam_eps,
+        "optimizer.params.weight_decay": cfg.optim.weight_decay,
+        # DeepSpeed's fused Adam needs a CUDA build; on CPU (tests, laptops) use torch's AdamW.
+        "optimizer.params.torch_adam": not torch.cuda.is_available(),
+        "zero_optimization.reduce_bucket_size": hidden * hidden,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
+    }
+    ds = _fill(raw, values)
+    if cfg.deepspeed.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    ds["train_batch_size"] = cfg.optim.micro_batch_size * values["gradient_accumulation_steps"] * world_size
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator cannot run fp16; bf16 works.
+        ds.pop("fp16", None)
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,116 @@
+"""wandb on rank 0, nothing anywhere else; a console progress bar; phase timers."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase of a step (``timing/<phase>`` in the logs)."""
+
+    def __init__(self, sync=None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._sync = sync  # e.g. torch.cuda.synchronize, so GPU work is charged to the right phase
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self._sync:
+            self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                self._sync()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/{k}": v for k, v in self.seconds.items()}
+
+
+class NullLogger:
+    """What non-zero ranks (and wandb-less runs) get: every call does nothing."""
+
+    run_id: str | None = None
+    run_dir: str | None = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        pass
+
+    def log_images(self, key: str, images: list[Image.Image], captions: list[str], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    """wandb, initialised once with the full resolved config; resumes the same run id after a restart."""
+
+    def __init__(self, *, project: str, name: str | None, tags: list[str], mode: str | None, config: dict,
+                 output_dir: str, run_id: str | None = None):
+        import wandb
+
+        self._wandb = wandb
+        mode = mode or os.environ.get("WANDB_MODE") or "online"
+        self.run = wandb.init(project=project, name=name, tags=tags or None, mode=mode, config=config,
+                              dir=output_dir, id=run_id, resume="allow" if run_id else None)
+        self.run_id = self.run.id
+        self.run_dir = getattr(self.run, "dir", None)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._wandb.log(metrics, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        wb = self._wandb
+        data = [[wb.Image(to_uint8(v)) if isinstance(v, Image.Image) else v for v in row] for row in rows]
+        self._wandb.log({key: wb.Table(columns=columns, data=data)}, step=step)
+
+    def log_images(self, key: str, images: list[Image.Image], captions: list[str], step: int) -> None:
+        wb = self._wandb
+        self._wandb.log({key: [wb.Image(to_uint8(im), caption=c) for im, c in zip(images, captions)]}, step=step)
+
+    def finish(self) -> None:
+        self._wandb.finish()
+
+
+def to_uint8(image: Image.Image) -> np.ndarray:
+    """wandb saves float arrays in [0, 1] as black images: always hand it uint8."""
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def contact_sheet(images: list[Image.Image], captions: list[str], columns: int = 4, caption_lines: int = 6,
+                  width: int = 36) -> Image.Image:
+    """A grid of images with wrapped text under each (reasoning chains, rewards)."""
+    import textwrap
+
+    from PIL import ImageDraw
+
+    if not images:
+        raise ValueError("contact_sheet needs at least one image")
+    cell_w = max(im.width for im in images)
+    cell_h = max(im.height for im in images)
+    line_h = 11
+    text_h = caption_lines * line_h + 4
+    cols = min(columns, len(images))
+    rows = (len(images) + cols - 1) // cols
+    tile_w = max(cell_w, width * 6)
+    sheet = Image.new("RGB", (cols * tile_w, rows * (cell_h + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, cap) in enumerate(zip(images, captions)):
+        x, y = (i % cols) * tile_w, (i // cols) * (cell_h + text_h)
+        sheet.paste(im.convert("RGB"), (x + (tile_w - im.width) // 2, y))
+        lines = textwrap.wrap(cap.replace("\n", " "), width=width)[:caption_lines]
+        for j, line in enumerate(lines):
+            draw.text((x + 2, y + cell_h + 2 + j * line_h), line, fill="black")
+    return sheet

@@ -1,0 +1,655 @@
+"""The RGPO trainer: rollout -> rewards -> advantages -> update, under DeepSpeed ZeRO-0/1/2/3.
+
+Launch with ``deepspeed --num_gpus N scripts/train.py --config ...``, ``torchrun``, or ``rgpo train --config ...``
+in one process. Each step:
+
+1. rollout: G reasoning chains per prompt from the policy, one image per chain through connector + decoder
+   (shared initial noise per group as MindOmni), and, under no-grad, the policy's and reference's log-probs
+   and condition states from one forward each;
+2. rewards: every reward function on the rank's chains, then gathered across ranks BEFORE normalising,
+   because a group may span ranks;
+3. advantages: group-relative (``rgpo.losses.group_advantages``);
+4. update: micro-batches of clipped policy-gradient loss + beta * text KL + image-KL coefficient * image
+   regulariser (MindOmni's decoder-feature KL by default), accumulated by DeepSpeed into one optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rewards as reward_lib
+from rgpo import checkpointing as ckpt
+from rgpo import distributed as dist_utils
+from rgpo.config import RGPOConfig, save_config, to_dict
+from rgpo.data import PromptRow, PromptSampler, load_prompts
+from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
+from rgpo.losses import feature_kl, group_advantages, policy_loss, velocity_mse
+from rgpo.models.base import Completions, ImageSamplingConfig, PromptBatch, UnifiedModel
+from rgpo.tracking import NullLogger, PhaseTimer, WandbLogger
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+IMAGE_KL_GRID = 51  # MindOmni draws the image-KL timestep uniformly from linspace(0, 1, 51)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a NaN/inf loss or gradient."""
+
+
+@dataclass
+class Rollout:
+    """Everything the update needs about this rank's chains (all tensors on the device, no grad)."""
+
+    rows: list[PromptRow]  # one per chain
+    prompts: PromptBatch  # one row per chain
+    completions: Completions
+    old_logps: torch.Tensor  # (n, T) sampling policy's log-probs
+    ref_logps: torch.Tensor | None  # (n, T)
+    ref_condition: torch.Tensor | None  # (n, L, H) reference condition states (image KL)
+    ref_condition_mask: torch.Tensor | None
+    images: list  # PIL images or None (text-only)
+    global_indices: list[int]
+
+
+# ================================================================================================ model set-up
+def build_model(cfg: RGPOConfig) -> UnifiedModel:
+    """The unified model named by ``cfg.model`` (``path: tiny`` builds a tiny random one in memory)."""
+    from rgpo.models import get_model_class
+
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.path in (None, "", "tiny"):
+        if cfg.model.family != "mindomni":
+            raise ValueError(f"model.path=tiny is only available for family 'mindomni', not {cfg.model.family!r}")
+        from rgpo.models.tiny import build_tiny_mindomni
+
+        return build_tiny_mindomni(seed=cfg.seed, dtype=dtype)
+    cls = get_model_class(cfg.model.family)
+    return cls.from_pretrained(cfg.model.path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def apply_trainable(model: UnifiedModel, cfg: RGPOConfig) -> UnifiedModel:
+    """Freeze everything, then unfreeze what ``cfg.trainable`` names (LoRA via peft, or the full LM)."""
+    t = cfg.trainable
+    model.requires_grad_(False)
+    if t.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                          target_modules=model.language_model_lora_targets(), bias="none")
+        model.vlm = get_peft_model(model.vlm, lora)
+    else:
+        for name, param in model.vlm.named_parameters():
+            if "visual" not in name:
+                param.requires_grad_(True)
+    if t.train_connector:
+        model.connector.requires_grad_(True)
+    if t.decoder_lora_r > 0:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        dec_lora = LoraConfig(r=t.decoder_lora_r, lora_alpha=2 * t.decoder_lora_r, lora_dropout=0.0,
+                              target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        model.decoder = inject_adapter_in_model(dec_lora, model.decoder)
+    if cfg.model.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(True)
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lr_lambda(cfg: RGPOConfig):
+    """Learning-rate multiplier per optimizer step: linear warm-up, then linear / cosine decay or constant."""
+    total = cfg.optim.max_steps * cfg.loss.num_iterations
+    warmup = cfg.optim.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.optim.schedule == "linear":
+            return 1.0 - progress
+        if cfg.optim.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+# ================================================================================================ the trainer
+class RGPOTrainer:
+    def __init__(self, cfg: RGPOConfig, model: UnifiedModel | None = None, reward_fns: list | None = None,
+                 logger: NullLogger | None = None):
+        import deepspeed
+
+        self.rank, self.local_rank, self.world = dist_utils.init_distributed(cfg.deepspeed.backend)
+        self.cfg = cfg.validate(self.world)
+        self.device = torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        self.out = Path(cfg.logging.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        _seed_everything(cfg.seed)
+
+        # Data and rewards are checked before the model is loaded: bad input fails in seconds, not minutes.
+        self.train_rows = load_prompts(cfg.data.train_file)
+        self.eval_rows = load_prompts(cfg.data.eval_file) if cfg.data.eval_file else []
+        self.rewards = reward_fns if reward_fns is not None else [
+            reward_lib.get_reward(spec.name, weight=spec.weight, **spec.kwargs) for spec in cfg.rewards.functions]
+        available = set().union(*(row.columns for row in self.train_rows))
+        for reward in self.rewards:
+            reward_lib.check_columns(reward, available)
+        G = cfg.rollout.num_generations
+        self.sampler = PromptSampler(len(self.train_rows), cfg.rollout.batch_size // G, G, seed=cfg.data.seed,
+                                     shuffle=cfg.data.shuffle, rank=self.rank, world_size=self.world)
+
+        ds_config = build_deepspeed_config(cfg, self.world)
+        self.zero3 = zero_stage(ds_config) == 3
+        model = model if model is not None else self._build_under_zero(cfg, ds_config)
+        model = apply_trainable(model, cfg)
+        self.reference = self._build_reference(cfg, ds_config) if cfg.trainable.mode == "full" else None
+        params = list(trainable_parameters(model).values())
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen (check the trainable section)")
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self.model: UnifiedModel = self.engine.module
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self.image_cfg = ImageSamplingConfig(**{k: getattr(cfg.rollout.image, k) for k in (
+            "height", "width", "steps", "guidance_scale", "seed", "shared_noise")})
+        self._stop_requested = False
+        run_id = self._maybe_resume()
+        self.logger = logger or self._make_logger(run_id)
+        if self.rank == 0:
+            save_config(cfg, self.out / "config.yaml")
+
+    # ------------------------------------------------------------------------------------------- set-up helpers
+    def _build_under_zero(self, cfg: RGPOConfig, ds_config: dict) -> UnifiedModel:
+        if zero_stage(ds_config) != 3:
+            return build_model(cfg)
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_ds = HfDeepSpeedConfig(ds_config)  # kept alive: transformers checks it while building
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            return build_model(cfg)
+
+    def _build_reference(self, cfg: RGPOConfig, ds_config: dict):
+        """Full fine-tuning needs a frozen copy: under ZeRO-3 its own sharded inference engine (as TRL's
+        prepare_deepspeed), otherwise a plain replica on the device."""
+        import deepspeed
+
+        ref = self._build_under_zero(cfg, ds_config)
+        ref.requires_grad_(False).eval()
+        if self.zero3:
+            ref_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+            engine, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+            return engine.module
+        return ref.to(self.device)
+
+    def _make_logger(self, run_id: str | None):
+        lc = self.cfg.logging
+        mode = lc.mode or os.environ.get("WANDB_MODE")
+        if self.rank != 0 or mode == "disabled":
+            return NullLogger()
+        return WandbLogger(project=lc.project, name=lc.run_name or self.out.name, tags=lc.tags, mode=mode,
+                           config=to_dict(self.cfg), output_dir=str(self.out), run_id=run_id)
+
+    # ------------------------------------------------------------------------------------------- contexts
+    @contextmanager
+    def reference_context(self):
+        """Run the model as the reference: the LoRA adapter disabled (MindOmni), or the frozen copy."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.model.vlm.disable_adapter():
+                yield self.model
+
+    def gathered(self):
+        """ZeRO-3: gather the full parameters once for a whole rollout phase (not per token / per step)."""
+        if not self.zero3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
+    # ------------------------------------------------------------------------------------------- the step
+    def train_step(self) -> dict[str, float]:
+        timer = PhaseTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
+        slots = self.sampler.next_step()
+        with timer("rollout"):
+            rollout = self.rollout(slots, timer)
+        with timer("rewards"):
+            per_reward = self.score(rollout)  # (n, R) on this rank, NaN where a reward does not apply
+        with timer("advantages"):
+            all_rewards = dist_utils.all_gather_cat(per_reward)  # every rank's chains, in global order
+            weights = torch.tensor([r.weight for r in self.rewards], device=self.device)
+            total = torch.nansum(all_rewards * weights, dim=1)
+            advantages = group_advantages(total, self.cfg.rollout.num_generations, self.cfg.loss.advantage_scale,
+                                          self.cfg.loss.advantage_eps)
+            mine = torch.tensor(rollout.global_indices, device=self.device)
+            local_adv = advantages[mine]
+        with timer("update"):
+            update_metrics = self.update(rollout, local_adv)
+        self.step += 1
+        metrics = self._step_metrics(rollout, all_rewards, total, update_metrics)
+        metrics.update(timer.metrics())
+        step_time = sum(timer.seconds.values())
+        metrics["throughput/chains_per_s"] = self.cfg.rollout.batch_size / max(step_time, 1e-9)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if self._should(self.cfg.logging.table_every):
+            self._log_table(rollout, per_reward, local_adv)
+        self._last_rollout = rollout
+        return metrics
+
+    @torch.no_grad()
+    def rollout(self, slots, timer: PhaseTimer) -> Rollout:
+        cfg, model = self.cfg, self.model
+        self.engine.eval()
+        rows = [self.train_rows[s.prompt_index] for s in slots]
+        with self.gathered():
+            with timer("rollout/text"):
+                prompts, completions = self._sample_chains(rows, [s.group for s in slots])
+            with timer("rollout/forward"):
+                policy = model.forward_text(prompts, completions, with_condition=cfg.rollout.image.enabled)
+                need_ref_condition = cfg.rollout.image.enabled and cfg.loss.image_regularizer != "none" \
+                    and cfg.loss.image_kl_coef > 0
+                ref_logps = ref_cond = ref_mask = None
+                if cfg.loss.beta > 0 or need_ref_condition:
+                    with self.reference_context() as ref_model:
+                        ref = ref_model.forward_text(prompts, completions, with_condition=need_ref_condition)
+                    ref_logps, ref_cond, ref_mask = ref.logps, ref.condition, ref.condition_mask
+            images = [None] * len(rows)
+            if cfg.rollout.image.enabled:
+                with timer("rollout/images"):
+                    images = self._draw(policy.condition, policy.condition_mask, [s.global_index for s in slots],
+                                        [s.group for s in slots])
+        return Rollout(rows, prompts, completions, policy.logps, ref_logps if cfg.loss.beta > 0 else None,
+                       ref_cond, ref_mask, images, [s.global_index for s in slots])
+
+    def _sample_chains(self, rows: list[PromptRow], groups: list[int]) -> tuple[PromptBatch, Completions]:
+        """Sample one chain per slot. When every group on this rank is whole (the usual layout), each prompt
+        is encoded once and asked for its k chains at once, so the model can share the prompt's prefill."""
+        cfg = self.cfg.rollout
+        gen = torch.Generator().manual_seed(_mix(self.cfg.data.seed, self.step, self.rank))
+        counts = [groups.count(g) for g in dict.fromkeys(groups)]
+        kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                      top_k=cfg.top_k, generator=gen)
+        if len(set(counts)) == 1:
+            firsts = [rows[groups.index(g)] for g in dict.fromkeys(groups)]
+            prompts = self.model.build_prompts([r.as_model_row() for r in firsts]).to(self.device)
+            completions = self.model.generate(prompts, num_generations=counts[0], **kwargs)
+            prompts = prompts.repeat_interleave(counts[0])
+        else:
+            prompts = self.model.build_prompts([r.as_model_row() for r in rows]).to(self.device)
+            completions = self.model.generate(prompts, num_generations=1, **kwargs)
+        return prompts, completions.to(self.device)
+
+    def _draw(self, condition, condition_mask, global_indices: list[int], groups: list[int]):
+        """One image per chain. The initial noise depends only on the seed and (per-sample mode) on the chain's
+        global index, so a group spread over ranks still shares it."""
+        model, icfg = self.model, self.image_cfg
+        noise = self._initial_noise(global_indices, groups)
+        cond = model.connect(condition, condition_mask)
+        neg, neg_mask = (None, None)
+        if icfg.guidance_scale != 1.0:
+            neg_states, neg_mask = model.negative_condition(len(global_indices))
+            neg = model.connect(neg_states, neg_mask)
+        latents = model.sample_latents(cond, condition_mask, neg, neg_mask, noise, icfg)
+        return model.decode_latents(latents)
+
+    def _initial_noise(self, global_indices: list[int], groups: list[int]) -> torch.Tensor:
+        icfg = self.image_cfg
+        channels = self.model.decoder.config.in_channels
+        shape = (channels, icfg.height // 8, icfg.width // 8)
+        if icfg.shared_noise:
+            # MindOmni: the same seed for every rollout, so in-group reward differences come only from the text.
+            base = torch.randn(shape, generator=torch.Generator().manual_seed(icfg.seed))
+            noise = base.expand(len(global_indices), *shape).clone()
+        else:
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                _mix(icfg.seed, self.step, i))) for i in global_indices])
+        return noise.to(self.device, dtype=self._decoder_dtype())
+
+    def _decoder_dtype(self) -> torch.dtype:
+        return next(self.model.decoder.parameters()).dtype
+
+    def score(self, rollout: Rollout) -> torch.Tensor:
+        columns: dict[str, list] = {}
+        for key in set().union(*(row.columns for row in rollout.rows)):
+            columns[key] = [row.columns.get(key) for row in rollout.rows]
+        _, per_reward = reward_lib.combine(
+            self.rewards, [r.weight for r in self.rewards], [row.prompt for row in rollout.rows],
+            rollout.completions.texts, rollout.images, columns, timeout=self.cfg.rewards.timeout_s)
+        return per_reward.to(self.device, torch.float32)
+
+    def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """``num_iterations`` optimizer steps over the rank's chains, in micro-batches DeepSpeed accumulates.
+
+        ``engine.step()`` follows every backward; DeepSpeed applies the update at the accumulation boundary, and
+        its ZeRO optimizer skips it when the gradient norm is NaN/inf, which ``was_step_applied`` reports."""
+        cfg = self.cfg
+        self.engine.train()
+        n = len(rollout.rows)
+        mb = cfg.optim.micro_batch_size
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.loss.num_iterations):
+            for start in range(0, n, mb):
+                idx = list(range(start, min(n, start + mb)))
+                loss, metrics = self.micro_batch_loss(rollout, advantages, idx)
+                self.engine.backward(loss)
+                self.engine.step()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            if self.engine.was_step_applied():
+                self.nonfinite_in_a_row = 0
+            else:
+                self._count_skipped_step()
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def micro_batch_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: list[int]):
+        """Text policy loss + beta * text KL + image-KL coefficient * image regulariser, for chains ``idx``."""
+        cfg, lc = self.cfg, self.cfg.loss
+        prompts, completions = rollout.prompts.select(idx), rollout.completions.select(idx)
+        index = torch.tensor(idx, device=self.device)
+        image_term = cfg.rollout.image.enabled and lc.image_regularizer != "none" and lc.image_kl_coef > 0
+        out = self.engine("forward_text", prompts, completions, with_condition=image_term)
+        ref_logps = rollout.ref_logps[index] if rollout.ref_logps is not None else None
+        # One update per batch: old = current (detached), so the ratio is exactly 1 (MindOmni, GRPO).
+        old = out.logps.detach() if lc.num_iterations == 1 else rollout.old_logps[index]
+        loss, metrics = policy_loss(
+            out.logps, old, ref_logps, advantages[index], completions.completion_mask,
+            epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
+            kl_estimator=lc.kl_estimator, aggregation=lc.aggregation)
+        metrics = {f"loss/{k}" if k == "pg_loss" else k: v for k, v in metrics.items()}
+        if image_term:
+            image_reg = self.image_regularizer(out.condition, out.condition_mask,
+                                               rollout.ref_condition[index], rollout.ref_condition_mask[index], idx)
+            loss = loss + lc.image_kl_coef * image_reg
+            metrics["kl/image"] = image_reg.detach()
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+    def image_regularizer(self, cond, cond_mask, ref_cond, ref_mask, idx: list[int]) -> torch.Tensor:
+        """MindOmni's D_IKL (or the velocity MSE): the frozen connector + decoder run on the policy's condition
+        (with grad, which flows back into the VLM) and on the reference's (no grad), from fresh pure noise at a
+        timestep drawn from the 51-point grid."""
+        lc = self.cfg.loss
+        K = lc.image_kl_timesteps
+        gen = torch.Generator().manual_seed(_mix(self.cfg.seed, self.step, self.rank, idx[0]))
+        n = cond.shape[0]
+        icfg = self.image_cfg
+        shape = (self.model.decoder.config.in_channels, icfg.height // 8, icfg.width // 8)
+        noise = torch.randn((n * K, *shape), generator=gen).to(self.device, self._decoder_dtype())
+        t = torch.randint(0, IMAGE_KL_GRID, (n * K,), generator=gen).float().div(IMAGE_KL_GRID - 1).to(self.device)
+        want_features = lc.image_regularizer == "feature_kl"
+
+        def run(model_call, c, m):
+            c, m = c.repeat_interleave(K, 0), m.repeat_interleave(K, 0)
+            embeds = model_call("connect", c, m)
+            return model_call("decode_step", embeds, m, noise, t, return_features=want_features)
+
+        policy_out = run(self.engine, cond, cond_mask)
+        with torch.no_grad(), self.reference_context() as ref_model:
+            ref_out = run(ref_model, ref_cond, ref_mask)
+        if want_features:
+            per_sample = feature_kl(policy_out.features, ref_out.features, tau=lc.image_kl_tau)
+        else:
+            per_sample = velocity_mse(policy_out.velocity, ref_out.velocity)
+        return per_sample.mean()
+
+    def _count_skipped_step(self) -> None:
+        """DeepSpeed dropped this step (NaN/inf gradient norm): count it, and stop after too many in a row."""
+        self.nonfinite_in_a_row += 1
+        self.skipped_steps += 1
+        print(f"[rgpo] step {self.step}: non-finite loss or gradient, update skipped "
+              f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in total)", flush=True)
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} steps in a row had a NaN/inf loss or gradient (max_nonfinite_steps="
+                f"{self.cfg.max_nonfinite_steps}); the last complete checkpoint is intact. Lower optim.lr, check the "
+                f"rewards, or use model.dtype=bfloat16 instead of float16.")
+
+    # ------------------------------------------------------------------------------------------- metrics & logs
+    def _step_metrics(self, rollout: Rollout, all_rewards, total, update_metrics) -> dict[str, float]:
+        G = self.cfg.rollout.num_generations
+        metrics: dict[str, float] = {"reward/total": total.mean().item()}
+        for j, reward in enumerate(self.rewards):
+            col = all_rewards[:, j]
+            valid = col[~torch.isnan(col)]
+            metrics[f"reward/{reward.name}/mean"] = valid.mean().item() if valid.numel() else float("nan")
+            metrics[f"reward/{reward.name}/std"] = valid.std().item() if valid.numel() > 1 else 0.0
+        grouped_std = total.view(-1, G).std(dim=1)
+        metrics["reward/std"] = grouped_std.mean().item()
+        metrics["reward/frac_zero_std"] = (grouped_std < 1e-6).float().mean().item()
+        rename = {"kl": "kl/text", "ratio": "ratio/mean"}
+        local = {rename.get(k, k): v for k, v in update_metrics.items()}
+        lengths = rollout.completions.completion_mask.sum(1).float()
+        local["completion/mean_length"] = lengths.mean().item()
+        local["completion/max_length"] = lengths.max().item()
+        metrics.update(dist_utils.mean_across_ranks(local, self.device))
+        metrics["skipped_steps"] = float(self.skipped_steps)
+        return metrics
+
+    def _log_table(self, rollout: Rollout, per_reward: torch.Tensor, advantages: torch.Tensor) -> None:
+        rows = []
+        for i, row in enumerate(rollout.rows):
+            rows.append([self.step, row.prompt, rollout.completions.texts[i], rollout.images[i],
+                         *[float(v) for v in per_reward[i].tolist()], float(advantages[i])])
+        everything = [r for part in dist_utils.all_gather_objects(rows) for r in part]
+        columns = ["step", "prompt", "reasoning", "image", *[r.name for r in self.rewards], "advantage"]
+        self.logger.log_table("rollouts", columns, everything, step=self.step)
+
+    def _should(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    # ------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict[str, float]:
+        """Run until ``optim.max_steps``; checkpoint every ``checkpoint.every`` steps and on SIGTERM/SIGINT."""
+        cfg = self.cfg
+        bar = _progress(self.step, cfg.optim.max_steps) if self.rank == 0 and cfg.logging.progress_bar else None
+        previous = _install_stop_handlers(self)
+        metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        try:
+            while self.step < cfg.optim.max_steps:
+                metrics = self.train_step()
+                self.history.append({"step": self.step, **metrics})
+                if self._should(cfg.logging.log_every):
+                    self.logger.log(metrics, step=self.step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({"reward": f"{metrics['reward/total']:.3f}", "kl": f"{metrics.get('kl/text', 0):.4f}",
+                                     "len": f"{metrics['completion/mean_length']:.0f}"})
+                if self._should(cfg.eval.every) and self.eval_rows:
+                    self.evaluate()
+                stop = dist_utils.broadcast_object(self._stop_requested)
+                if self._should(cfg.checkpoint.every) or self.step == cfg.optim.max_steps or stop:
+                    self.save_checkpoint()
+                if stop:
+                    print(f"[rgpo] stop signal received: checkpoint saved at step {self.step}, exiting", flush=True)
+                    break
+        finally:
+            _restore_stop_handlers(previous)
+            if bar is not None:
+                bar.close()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, rows: list[PromptRow] | None = None) -> dict[str, float]:
+        """Mean of each reward over held-out prompts (one chain each), images logged on rank 0."""
+        rows = rows or self.eval_rows[: self.cfg.eval.num_prompts]
+        mine = rows[self.rank :: self.world]
+        self.engine.eval()
+        results = {}
+        if mine:
+            with self.gathered():
+                prompts = self.model.build_prompts([r.as_model_row() for r in mine]).to(self.device)
+                gen = torch.Generator().manual_seed(_mix(self.cfg.data.seed, 10**6, self.rank))
+                completions = self.model.generate(
+                    prompts, num_generations=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                    temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
+                    top_k=self.cfg.rollout.top_k, generator=gen).to(self.device)
+                images = [None] * len(mine)
+                if self.cfg.rollout.image.enabled:
+                    policy = self.model.forward_text(prompts, completions, with_condition=True)
+                    images = self._draw(policy.condition, policy.condition_mask, list(range(len(mine))),
+                                        list(range(len(mine))))
+            fake = Rollout(mine, prompts, completions, policy.logps if self.cfg.rollout.image.enabled else None,
+                           None, None, None, images, list(range(len(mine))))
+            per_reward = self.score(fake)
+            results = {f"eval/{r.name}": float(torch.nanmean(per_reward[:, j])) for j, r in enumerate(self.rewards)}
+            shown = [(im, f"{row.prompt} | {text}") for row, text, im in zip(mine, completions.texts, images) if im is not None]
+        else:
+            shown = []
+        results = dist_utils.mean_across_ranks(results, self.device)
+        self.logger.log(results, step=self.step)
+        gathered = [x for part in dist_utils.all_gather_objects(shown) for x in part]
+        if gathered:
+            self.logger.log_images("eval/images", [g[0] for g in gathered], [g[1] for g in gathered], step=self.step)
+        return results
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Engine (trainable weights, optimizer, scheduler), RNG, data position, step and wandb run id, written
+        atomically: complete or absent."""
+        cfg = self.cfg
+        tmp = ckpt.temporary_dir(self.out, self.step)
+        if self.rank == 0:
+            ckpt.remove_stale_temporaries(self.out)
+            tmp.mkdir(parents=True)
+        dist_utils.barrier()
+        self.engine.save_checkpoint(str(tmp), tag="engine", save_latest=False, exclude_frozen_parameters=True)
+        torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        self._save_trainable(tmp)
+        dist_utils.barrier()
+        final = ckpt.final_dir(self.out, self.step)
+        if self.rank == 0:
+            state = {"step": self.step, "sampler": self.sampler.state_dict(), "wandb_run_id": self.logger.run_id,
+                     "world_size": self.world, "family": self.model.family, "skipped_steps": self.skipped_steps,
+                     "trainable_mode": cfg.trainable.mode, "config": to_dict(cfg)}
+            ckpt.write_state(tmp, state)
+            ckpt.publish(tmp, self.step, self.out, cfg.checkpoint.keep_last)
+        dist_utils.barrier()
+        return final
+
+    def _save_trainable(self, path: Path) -> None:
+        """The trained weights alone as safetensors (for ``rgpo sample`` / ``rgpo export`` without DeepSpeed)."""
+        from safetensors.torch import save_file
+
+        named = trainable_parameters(self.model)
+        ctx = nullcontext()
+        if self.zero3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None)
+        with ctx:
+            if self.rank == 0:
+                save_file({n: p.detach().to("cpu").contiguous().clone() for n, p in named.items()},
+                          str(path / "trainable.safetensors"))
+
+    def _maybe_resume(self) -> str | None:
+        resume = self.cfg.checkpoint.resume
+        if not resume:
+            return None
+        path = ckpt.newest_complete(self.out) if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        state = ckpt.read_state(path)
+        if state.get("family") != self.model.family:
+            raise ValueError(f"checkpoint {path} is of model family {state.get('family')!r}, not {self.model.family!r}")
+        if state.get("world_size") != self.world:
+            print(f"[rgpo] resuming {path} written by {state.get('world_size')} ranks on {self.world}", flush=True)
+        load_path, _ = self.engine.load_checkpoint(str(path), tag="engine", load_module_strict=False)
+        if load_path is None:
+            raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed engine state (engine/ is missing or empty)")
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.sampler.load_state_dict(state["sampler"])
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        print(f"[rgpo] resumed from {path} at step {self.step}", flush=True)
+        return state.get("wandb_run_id")
+
+    def close(self) -> None:
+        self.logger.finish()
+
+
+# ================================================================================================ small helpers
+def _mix(*numbers: int) -> int:
+    """A deterministic 63-bit seed from several integers (step, rank, ...)."""
+    value = 0x9E3779B97F4A7C15
+    for n in numbers:
+        value = (value ^ (int(n) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return value
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(_flatten_py_state(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _flatten_py_state(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _progress(start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="rgpo", dynamic_ncols=True)
+
+
+def _install_stop_handlers(trainer: RGPOTrainer):
+    """SIGTERM / SIGINT (cluster preemption, Ctrl-C) ask for a checkpoint at the end of the current step."""
+    def handler(signum, frame):
+        if trainer._stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        trainer._stop_requested = True
+        print(f"[rgpo] signal {signum}: finishing the step, saving a checkpoint, then exiting", flush=True)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with suppress(ValueError):  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_stop_handlers(previous) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
