@@ -1,0 +1,19 @@
+"""Test-wide settings: no hub, no network, wandb offline into a temporary folder, deterministic threads."""
+
+import os
+import tempfile
+
+# Set before any library import: a stray hub lookup then fails in ~3 s instead of retrying for ~50 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+_wandb_home = tempfile.mkdtemp(prefix="rgpo-wandb-")
+for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+    os.environ.setdefault(var, _wandb_home)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
