@@ -84,7 +84,7 @@ def test_epochs_visit_every_prompt_and_resume_continues_identically():
     resumed = PromptSampler(6, 2, 2, seed=3)
     resumed.load_state_dict(state)
     assert [[s.prompt_index for s in resumed.next_step()] for _ in range(4)] == expected
-    assert len(seconds) == 2  # the new epoch starts with a full step
+    assert len(seconds) == 4  # the new epoch starts with a full step: 2 prompts x 2 chains
 
 
 def test_seed_changes_order():
