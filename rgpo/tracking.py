@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,9 @@ class PhaseTimer:
         return {f"timing/{k}": v for k, v in self.seconds.items()}
 
 
+_DATA_DIR_SET_BY_RGPO = False
+
+
 class NullLogger:
     """What non-zero ranks (and wandb-less runs) get: every call does nothing."""
 
@@ -62,6 +66,12 @@ class WandbLogger(NullLogger):
         import wandb
 
         self._wandb = wandb
+        global _DATA_DIR_SET_BY_RGPO
+        if "WANDB_DATA_DIR" not in os.environ or _DATA_DIR_SET_BY_RGPO:
+            # wandb stages table media (images) under WANDB_DATA_DIR, by default outside the run folder: keep
+            # them beside the run so an offline run folder holds everything `wandb sync` needs.
+            os.environ["WANDB_DATA_DIR"] = str(Path(output_dir) / "wandb-data")
+            _DATA_DIR_SET_BY_RGPO = True
         mode = mode or os.environ.get("WANDB_MODE") or "online"
         self.run = wandb.init(project=project, name=name, tags=tags or None, mode=mode, config=config,
                               dir=output_dir, id=run_id, resume="allow" if run_id else None)

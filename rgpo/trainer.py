@@ -31,7 +31,7 @@ import rewards as reward_lib
 from rgpo import checkpointing as ckpt
 from rgpo import distributed as dist_utils
 from rgpo.config import RGPOConfig, save_config, to_dict
-from rgpo.data import PromptRow, PromptSampler, load_prompts
+from rgpo.data import PromptRow, PromptSampler, check_columns, load_prompts
 from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
 from rgpo.losses import feature_kl, group_advantages, policy_loss, velocity_mse
 from rgpo.models.base import Completions, ImageSamplingConfig, PromptBatch, UnifiedModel
@@ -58,6 +58,30 @@ class Rollout:
     ref_condition_mask: torch.Tensor | None
     images: list  # PIL images or None (text-only)
     global_indices: list[int]
+
+
+# ================================================================================================ advantages
+def global_advantages(per_reward: torch.Tensor, weights: list[float], global_indices: list[int], group_size: int,
+                      scale: str = "group", eps: float = 1e-4):
+    """Advantages of this rank's chains, normalised over whole groups even when a group spans ranks.
+
+    Args:
+        per_reward: (n, R) this rank's rewards, NaN where a reward does not apply.
+        global_indices: each local chain's index in the step's global batch (groups are contiguous there).
+    Returns:
+        ``(local_advantages (n,), all_rewards (N, R), totals (N,))``: every rank's rewards are gathered
+        before the group statistics, so the result does not depend on how chains are placed on ranks.
+    """
+    all_rewards = dist_utils.all_gather_cat(per_reward)
+    order = dist_utils.all_gather_cat(torch.tensor(global_indices, device=per_reward.device))
+    ordered = torch.empty_like(all_rewards)
+    ordered[order] = all_rewards  # rank order -> global order (identical for the contiguous layout)
+    weight = torch.tensor(weights, device=per_reward.device, dtype=per_reward.dtype)
+    # A reward that does not apply (NaN) counts as 0 in the total; its own mean ignores it.
+    totals = torch.nansum(ordered * weight, dim=1)
+    advantages = group_advantages(totals, group_size, scale, eps)
+    local = advantages[torch.tensor(global_indices, device=per_reward.device)]
+    return local, ordered, totals
 
 
 # ================================================================================================ model set-up
@@ -142,10 +166,11 @@ class RGPOTrainer:
         self.train_rows = load_prompts(cfg.data.train_file)
         self.eval_rows = load_prompts(cfg.data.eval_file) if cfg.data.eval_file else []
         self.rewards = reward_fns if reward_fns is not None else [
-            reward_lib.get_reward(spec.name, weight=spec.weight, **spec.kwargs) for spec in cfg.rewards.functions]
-        available = set().union(*(row.columns for row in self.train_rows))
+            reward_lib.get_reward(spec) for spec in cfg.rewards.functions]
         for reward in self.rewards:
-            reward_lib.check_columns(reward, available)
+            for column in reward_lib.registry.required_columns(reward):
+                for rows in (self.train_rows, self.eval_rows):
+                    check_columns(rows, column, reward.name)
         G = cfg.rollout.num_generations
         self.sampler = PromptSampler(len(self.train_rows), cfg.rollout.batch_size // G, G, seed=cfg.data.seed,
                                      shuffle=cfg.data.shuffle, rank=self.rank, world_size=self.world)
@@ -232,13 +257,10 @@ class RGPOTrainer:
         with timer("rewards"):
             per_reward = self.score(rollout)  # (n, R) on this rank, NaN where a reward does not apply
         with timer("advantages"):
-            all_rewards = dist_utils.all_gather_cat(per_reward)  # every rank's chains, in global order
-            weights = torch.tensor([r.weight for r in self.rewards], device=self.device)
-            total = torch.nansum(all_rewards * weights, dim=1)
-            advantages = group_advantages(total, self.cfg.rollout.num_generations, self.cfg.loss.advantage_scale,
-                                          self.cfg.loss.advantage_eps)
-            mine = torch.tensor(rollout.global_indices, device=self.device)
-            local_adv = advantages[mine]
+            weights = [r.weight for r in self.rewards]
+            local_adv, all_rewards, total = global_advantages(
+                per_reward, weights, rollout.global_indices, self.cfg.rollout.num_generations,
+                self.cfg.loss.advantage_scale, self.cfg.loss.advantage_eps)
         with timer("update"):
             update_metrics = self.update(rollout, local_adv)
         self.step += 1
@@ -375,8 +397,8 @@ class RGPOTrainer:
             kl_estimator=lc.kl_estimator, aggregation=lc.aggregation)
         metrics = {f"loss/{k}" if k == "pg_loss" else k: v for k, v in metrics.items()}
         if image_term:
-            image_reg = self.image_regularizer(out.condition, out.condition_mask,
-                                               rollout.ref_condition[index], rollout.ref_condition_mask[index], idx)
+            ref_cond, ref_mask = trim_left_padding(rollout.ref_condition[index], rollout.ref_condition_mask[index])
+            image_reg = self.image_regularizer(out.condition, out.condition_mask, ref_cond, ref_mask, idx)
             loss = loss + lc.image_kl_coef * image_reg
             metrics["kl/image"] = image_reg.detach()
         metrics["loss/total"] = loss.detach()
@@ -596,6 +618,14 @@ def _mix(*numbers: int) -> int:
     for n in numbers:
         value = (value ^ (int(n) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & 0x7FFFFFFFFFFFFFFF
     return value
+
+
+def trim_left_padding(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns of left padding that no row of this selection needs. Rows picked from a bigger batch
+    carry that batch's padding; trimming gives them the exact shapes (and so the exact numbers) of the same rows
+    packed on their own, which keeps policy == reference bit-exact when the adapter is zero."""
+    keep = int(mask.sum(1).max())
+    return states[:, states.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
 
 
 def _seed_everything(seed: int) -> None:

@@ -10,7 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 _wandb_home = tempfile.mkdtemp(prefix="rgpo-wandb-")
-for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+# (WANDB_DATA_DIR is left unset: rgpo then stages table media inside each run's output folder.)
+for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
     os.environ.setdefault(var, _wandb_home)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
