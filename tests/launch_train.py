@@ -32,7 +32,8 @@ def snapshot(trainer):
 
 
 def main():
-    result_path, overrides = sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("--local_rank")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    result_path, overrides = args[0], args[1:]
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     trainer = RGPOTrainer(cfg)
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}

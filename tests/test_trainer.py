@@ -21,8 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
+# Random tiny models never write the format, so every format reward is 0; this reward ranks their chains and gives
+# the update a real gradient (otherwise only numerical noise would move the weights).
+SIGNAL = f"rewards.functions=[format, {{name: '{REPO / 'tests' / 'signal_reward.py'}:letter_fraction', weight: 1.0}}]"
+
+
 def tiny_cfg(tmp_path, *overrides):
-    return load_config(TINY, [f"logging.output_dir={tmp_path / 'run'}", *overrides])
+    return load_config(TINY, [f"logging.output_dir={tmp_path / 'run'}", SIGNAL, *overrides])
 
 
 # ------------------------------------------------------------------------------------ groups across ranks
@@ -85,6 +90,7 @@ def test_first_on_policy_step_has_ratio_one_and_zero_kl(short_run):
     for row in trainer.history:
         assert all(math.isfinite(v) for k, v in row.items() if not k.startswith("reward/") or "std" not in k)
     assert trainer.history[-1]["kl/text"] > 0  # the policy has moved off the reference
+    assert any(row["reward/std"] > 0 for row in trainer.history)  # the groups were ranked: a real gradient
 
 
 def test_checkpoints_are_complete_and_pruned(short_run):
@@ -122,13 +128,13 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     """4 steps straight == 2 steps, a new process state from the checkpoint, 2 more steps."""
     from rgpo.trainer import RGPOTrainer
 
-    common = ("optim.max_steps=4", "checkpoint.every=2", "logging.mode=disabled")
+    common = ("optim.max_steps=4", "checkpoint.every=2", "logging.mode=disabled", SIGNAL)
     straight = RGPOTrainer(load_config(TINY, [f"logging.output_dir={tmp_path / 'a'}", *common]))
     straight.train()
     params_a = {n: p.detach().clone() for n, p in straight.model.named_parameters() if p.requires_grad}
     history_a = straight.history
 
-    first = RGPOTrainer(load_config(TINY, [f"logging.output_dir={tmp_path / 'b'}", *common[1:], "optim.max_steps=4"]))
+    first = RGPOTrainer(load_config(TINY, [f"logging.output_dir={tmp_path / 'b'}", *common]))
     first.cfg.optim.max_steps = 2  # stop early, as if killed after the step-2 checkpoint
     first.train()
     del first
@@ -147,7 +153,7 @@ def _launch(tmp_path, *overrides, launcher="deepspeed"):
     result = tmp_path / "result.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     script = str(REPO / "tests" / "launch_train.py")
-    args = [str(result), f"logging.output_dir={tmp_path / 'run'}", "logging.mode=disabled", *overrides]
+    args = [str(result), f"logging.output_dir={tmp_path / 'run'}", "logging.mode=disabled", SIGNAL, *overrides]
     if launcher == "deepspeed":
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", "29620", script, *args]
     else:

@@ -1,0 +1,27 @@
+"""Unified reason-then-draw models behind one adapter interface (:class:`UnifiedModel`), and their registry."""
+
+from .base import (
+    Completions,
+    DecoderOutput,
+    ForwardOutput,
+    ImageSamplingConfig,
+    PromptBatch,
+    UnifiedModel,
+    dataclass_to,
+)
+from .mindomni import MindOmni
+from .registry import MODEL_FAMILIES, get_model_class, load_model
+
+__all__ = [
+    "MODEL_FAMILIES",
+    "Completions",
+    "DecoderOutput",
+    "ForwardOutput",
+    "ImageSamplingConfig",
+    "MindOmni",
+    "PromptBatch",
+    "UnifiedModel",
+    "dataclass_to",
+    "get_model_class",
+    "load_model",
+]

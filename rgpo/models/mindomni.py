@@ -1,0 +1,626 @@
+"""MindOmni as one :class:`~rgpo.models.base.UnifiedModel`: Qwen2.5-VL -> connector -> OmniGen -> VAE.
+
+Text side: chat-templated prompts, grouped sampling of reasoning chains from one shared prompt prefill, and one
+training forward that yields per-token log-probs plus the decoder's conditioning (the VLM's last-layer states
+taken BEFORE the final norm, as MindOmni conditions on them). Image side: the connector, our own OmniGen
+forward (per-layer features, condition KV cache; see :mod:`rgpo.models.omnigen`), seeded Euler flow sampling
+with batched classifier-free guidance, and an fp32 VAE decode.
+
+The VLM may be wrapped by peft after construction (``model.vlm = get_peft_model(model.vlm, cfg)``); every
+method reaches the underlying modules through ``get_base_model()``, and :meth:`adapter_disabled` gives the
+reference model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .base import Completions, DecoderOutput, ForwardOutput, ImageSamplingConfig, PromptBatch, UnifiedModel
+from .omnigen import build_condition_cache, decoder_forward, decoder_forward_cached, num_image_tokens
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. When the user requests an image, the assistant first thinks about the "
+    "reasoning process in the mind and then provides the user with concise prompt as the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think><answer> answer here </answer>."
+)
+INSTRUCTION_PREFIX = "Generate an image according to the following instructions\n"
+NEGATIVE_PROMPT = (
+    "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, poorly drawn hands, "
+    "poorly drawn face, deformed, blurry, bad anatomy, bad proportions, extra limbs, cloned face, disfigured, "
+    "gross proportions, malformed limbs, missing arms, missing legs, extra arms, extra legs, fused fingers, "
+    "too many fingers, long neck"
+)
+ANSWER_CLOSE = "</answer>"
+EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# Never sampled: a vision placeholder in a completion would desynchronise the image features and positions.
+BANNED_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+class MindOmni(UnifiedModel):
+    """MindOmni's four parts as ONE module (``vlm``, ``connector``, ``decoder``, ``vae``) plus its processor.
+
+    ``dtype`` applies to the VLM, connector and decoder parameters; the VAE is always fp32. Rotary-frequency
+    buffers keep fp32 (as transformers' own loading does).
+    Tunables (plain attributes): ``logprob_chunk_size`` (tokens per lm_head chunk), ``vae_batch_size``,
+    ``decoder_kv_cache`` (reuse condition keys/values across denoising steps), ``synced_generation`` (keep every
+    rank stepping until all are done, as ZeRO-3 requires; None = on exactly when ZeRO-3 partitions the VLM),
+    ``system_prompt``, ``instruction_prefix``, ``negative_prompt``.
+    """
+
+    family = "mindomni"
+
+    def __init__(
+        self,
+        vlm: nn.Module,
+        processor: Any,
+        connector: nn.Module,
+        decoder: nn.Module,
+        vae: nn.Module,
+        *,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.vlm = vlm
+        self.connector = connector
+        self.decoder = decoder
+        self.vae = vae
+        self.processor = processor  # not a module: never moved, saved with the VLM folder
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.system_prompt = SYSTEM_PROMPT
+        self.instruction_prefix = INSTRUCTION_PREFIX
+        self.negative_prompt = NEGATIVE_PROMPT
+        self.logprob_chunk_size = 512
+        self.vae_batch_size = 4
+        self.decoder_kv_cache = True
+        self.synced_generation: bool | None = None
+        self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.eos_token_ids = _token_ids(self.tokenizer, EOS_TOKENS)
+        self.banned_token_ids = _token_ids(self.tokenizer, BANNED_TOKENS)
+        if not self.eos_token_ids:
+            raise ValueError(f"the tokenizer has none of the end tokens {EOS_TOKENS}")
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[-1]
+        )
+        _cast_floating(self.vlm, dtype)
+        _cast_floating(self.connector, dtype)
+        _cast_floating(self.decoder, dtype, buffers=True)  # the position table joins bf16 activations
+        _cast_floating(self.vae, torch.float32, buffers=True)
+
+    # -- plumbing -------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.dtype
+
+    def hf_vlm(self) -> nn.Module:
+        """The ``Qwen2_5_VLForConditionalGeneration`` under any peft wrapper (LoRA layers stay injected)."""
+        vlm = self.vlm
+        return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """The reference model: the VLM with its peft adapter disabled (a no-op without peft)."""
+        if hasattr(self.vlm, "disable_adapter"):
+            with self.vlm.disable_adapter():
+                yield
+        else:
+            yield
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Activation checkpointing (non-reentrant) for the VLM and the decoder's blocks."""
+        if enabled:
+            self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.decoder.enable_gradient_checkpointing()
+        else:
+            self.vlm.gradient_checkpointing_disable()
+            self.decoder.disable_gradient_checkpointing()
+
+    def language_model_lora_targets(self) -> list[str]:
+        """Full names (relative to ``self.vlm``'s HF model) of every Linear outside the vision tower, lm_head
+        included: MindOmni's RGPO LoRA targets. Works before and after peft wrapping."""
+        names = []
+        for name, module in self.hf_vlm().named_modules():
+            if "visual" in name:
+                continue
+            if isinstance(module, nn.Linear) and not any(p.startswith("lora_") for p in name.split(".")):
+                names.append(name.removesuffix(".base_layer"))
+        return sorted(set(names))
+
+    # -- prompts --------------------------------------------------------------------------------------------------
+    def chat_messages(self, instruction: str, num_images: int = 0) -> list[dict[str, Any]]:
+        """[system, user] messages of one prompt; images sit between the instruction prefix and the text."""
+        content = [{"type": "text", "text": self.instruction_prefix}]
+        content += [{"type": "image"} for _ in range(num_images)]
+        content.append({"type": "text", "text": instruction})
+        return [
+            {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
+            {"role": "user", "content": content},
+        ]
+
+    def build_prompts(self, rows: list[dict[str, Any]]) -> PromptBatch:
+        """Left-padded chat prompts (with the assistant generation prompt) from ``{"prompt", "images"?}`` rows."""
+        texts, images = [], []
+        for i, row in enumerate(rows):
+            if not isinstance(row.get("prompt"), str):
+                raise KeyError(f"row {i} needs a 'prompt' string (got keys {sorted(row)})")
+            row_images = list(row.get("images") or [])
+            if not all(isinstance(im, Image.Image) for im in row_images):
+                raise TypeError(f"row {i}: 'images' must be a list of PIL images")
+            messages = self.chat_messages(row["prompt"], len(row_images))
+            texts.append(
+                self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+            images.extend(im.convert("RGB") for im in row_images)
+        enc = self.processor(
+            text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt"
+        )
+        # Position ids are rebuilt from the ids, so only the vision tower's inputs travel with the batch.
+        vision = {k: enc[k] for k in VISION_KEYS if k in enc} if images else {}
+        return PromptBatch(enc["input_ids"], enc["attention_mask"], vision)
+
+    # -- VLM internals --------------------------------------------------------------------------------------------
+    def _position_ids(
+        self, ids: torch.Tensor, mask: torch.Tensor, vision: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Qwen2.5-VL (3, N, S) rope positions: text counts real tokens from 0 (left padding aware); with images
+        the model's own 3-D layout. Computed here so generation and training use the very same positions."""
+        if "image_grid_thw" in vision or "video_grid_thw" in vision:
+            hf = self.hf_vlm()
+            types = (ids == hf.config.image_token_id).int() + 2 * (ids == hf.config.video_token_id).int()
+            positions, _ = hf.model.get_rope_index(
+                ids,
+                mm_token_type_ids=types,
+                image_grid_thw=vision.get("image_grid_thw"),
+                video_grid_thw=vision.get("video_grid_thw"),
+                attention_mask=mask,
+            )
+            return positions
+        real = mask.long()
+        return ((real.cumsum(-1) - 1).clamp(min=0) * real)[None].expand(3, -1, -1)
+
+    def _backbone(
+        self, ids: torch.Tensor, mask: torch.Tensor, vision: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Last-layer PRE-norm hidden states (N, S, H): the input of the language model's final norm (in
+        transformers 5, ``hidden_states[-1]`` is post-norm). Gradients flow to any LoRA inside."""
+        hf = self.hf_vlm()
+        captured: list[torch.Tensor] = []
+        hook = hf.model.language_model.norm.register_forward_hook(
+            lambda m, args, out: captured.append(args[0])
+        )
+        try:
+            hf.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=self._position_ids(ids, mask, vision),
+                use_cache=False,
+                **{k: v for k, v in vision.items() if k in VISION_KEYS},
+            )
+        finally:
+            hook.remove()
+        return captured[-1]
+
+    def _completion_logps(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Pre-norm states (N, T, H) predicting ``targets`` (N, T) -> log-probs (N, T) float32.
+
+        Norm + lm_head run on chunks of ``logprob_chunk_size`` tokens, each under activation checkpointing when
+        grads flow, so at most one chunk of full-vocabulary logits is alive (forward or backward)."""
+        hf = self.hf_vlm()
+        norm, head = hf.model.language_model.norm, hf.lm_head
+        flat, flat_t = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
+        out = []
+        for start in range(0, flat.shape[0], self.logprob_chunk_size):
+            h, t = (
+                flat[start : start + self.logprob_chunk_size],
+                flat_t[start : start + self.logprob_chunk_size],
+            )
+            if torch.is_grad_enabled():
+                out.append(checkpoint(_chunk_logps, norm, head, h, t, use_reentrant=False))
+            else:
+                out.append(_chunk_logps(norm, head, h, t))
+        return torch.cat(out).view(targets.shape)
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: PromptBatch,
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Completions:
+        """Sample ``num_generations`` chains per prompt row, grouped (p0 x G, p1 x G, ...).
+
+        Each prompt is prefilled ONCE and its KV cache repeated for its G chains. Sampling draws from a device
+        generator seeded from ``generator`` (reproducible), else from torch's global RNG. ``temperature`` 0 is
+        greedy. Chains stop at ``<|im_end|>`` / ``<|endoftext|>``; later positions hold the pad token, mask 0.
+        """
+        if num_generations < 1 or max_new_tokens < 1:
+            raise ValueError(
+                f"num_generations ({num_generations}) and max_new_tokens ({max_new_tokens}) must be >= 1"
+            )
+        hf = self.hf_vlm()
+        device = self.device
+        prompts = prompts.to(device)
+        rows = prompts.input_ids.shape[0] * num_generations
+        sample_gen = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            sample_gen = torch.Generator(device=device).manual_seed(seed)
+        eos = torch.tensor(self.eos_token_ids, device=device)
+        was_training = self.vlm.training
+        self.vlm.eval()  # layers drop the KV cache under gradient checkpointing in train mode
+        try:
+            positions = self._position_ids(prompts.input_ids, prompts.attention_mask, prompts.vision)
+            out = hf(
+                input_ids=prompts.input_ids,
+                attention_mask=prompts.attention_mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **prompts.vision,
+            )
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(num_generations)
+            logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
+            next_pos = positions.amax(dim=(0, 2)).repeat_interleave(num_generations) + 1  # (rows,)
+            mask = prompts.attention_mask.repeat_interleave(num_generations, 0)
+            done = torch.zeros(rows, dtype=torch.bool, device=device)
+            tokens = []
+            for step in range(max_new_tokens):
+                logits[:, self.banned_token_ids] = float("-inf")
+                token = _sample(logits, temperature, top_p, top_k, sample_gen)
+                token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
+                tokens.append(token)
+                done |= torch.isin(token, eos)
+                if step == max_new_tokens - 1 or self._all_done(done):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step_pos = (next_pos + step).view(1, rows, 1).expand(3, -1, -1)
+                out = hf(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache, logits = out.past_key_values, out.logits[:, -1].float()
+        finally:
+            self.vlm.train(was_training)
+        return self._completions(torch.stack(tokens, dim=1))
+
+    def _all_done(self, done: torch.Tensor) -> bool:
+        """Whether every chain finished, over all ranks when generation is synced: under ZeRO-3 each forward
+        gathers parameters collectively, so a rank that stops early would hang the others."""
+        synced = self.synced_generation
+        if synced is None:  # auto: ZeRO-3 marks its partitioned parameters with ``ds_id``
+            synced = hasattr(next(self.vlm.parameters()), "ds_id")
+        if synced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            pending = torch.tensor([float(not bool(done.all()))], device=done.device)
+            dist.all_reduce(pending)
+            return pending.item() == 0
+        return bool(done.all())
+
+    def _completions(self, ids: torch.Tensor) -> Completions:
+        """Sampled ids (N, T) -> masks (1 through the first EOS), decoded texts and condition lengths."""
+        is_eos = torch.isin(ids, torch.tensor(self.eos_token_ids, device=ids.device))
+        mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()
+        width = int(mask.sum(1).max())  # steps taken only to keep ranks in lockstep leave all-pad columns
+        ids, mask, is_eos = ids[:, :width], mask[:, :width], is_eos[:, :width]
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id))
+        texts, lengths = [], []
+        for row, row_eos in zip(ids.tolist(), is_eos.tolist()):
+            body = row[: row_eos.index(True)] if True in row_eos else row
+            texts.append(self._decode(body))
+            lengths.append(answer_condition_length(self._decode, body))
+        return Completions(ids, mask, texts, torch.tensor(lengths, dtype=torch.long, device=ids.device))
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def completions_from_texts(self, texts: list[str], eos: bool = True) -> Completions:
+        """Tokenise given completion texts (e.g. hand-written or replayed chains) into :class:`Completions`."""
+        rows = [
+            self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            + ([self.eos_token_ids[0]] if eos else [])
+            for t in texts
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows], dtype=torch.long)
+        length = torch.tensor([len(r) for r in rows])
+        comp = self._completions(ids)
+        comp.completion_mask = (torch.arange(width)[None] < length[:, None]).long()
+        return comp
+
+    # -- training forward -----------------------------------------------------------------------------------------
+    def forward_text(
+        self, prompts: PromptBatch, completions: Completions, *, with_condition: bool = True
+    ) -> ForwardOutput:
+        """ONE backbone forward over prompt + completion: log-probs (N, T) and, optionally, the condition.
+
+        The condition is the pre-norm states of the prompt's real tokens and the first ``condition_lengths[i]``
+        completion tokens, re-packed left-padded: (N, L, H_vlm) with mask (N, L).
+        """
+        device = self.device
+        prompts, completions = prompts.to(device), completions.to(device)
+        p_len = prompts.input_ids.shape[1]
+        comp_ids = completions.completion_ids
+        ids = torch.cat([prompts.input_ids, comp_ids], dim=1)
+        mask = torch.cat(
+            [prompts.attention_mask, completions.completion_mask.to(prompts.attention_mask.dtype)], dim=1
+        )
+        states = self._backbone(ids, mask, prompts.vision)  # (N, P + T, H)
+        logps = self._completion_logps(states[:, p_len - 1 : -1], comp_ids)
+        if not with_condition:
+            return ForwardOutput(logps)
+        completion_part = (
+            torch.arange(comp_ids.shape[1], device=device)[None] < completions.condition_lengths[:, None]
+        )
+        selected = torch.cat([prompts.attention_mask.bool(), completion_part], dim=1)
+        condition, cond_mask = pack_left(states, selected)
+        return ForwardOutput(logps, condition, cond_mask)
+
+    @torch.no_grad()
+    def negative_condition(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm states of the chat-templated negative prompt (no reasoning), repeated ``num`` times.
+
+        Computed once with the adapter DISABLED (the reference VLM) and cached, so toggling or training the
+        adapter never changes the negative branch; call :meth:`clear_negative_cache` after changing the base
+        weights, ``negative_prompt`` or ``system_prompt``. Under ZeRO-3 every rank must make the first call.
+        """
+        cached = self._negative
+        if cached is None or cached[0].device != self.device or cached[0].dtype != self.dtype:
+            batch = self.build_prompts([{"prompt": self.negative_prompt}]).to(self.device)
+            with self.adapter_disabled():
+                states = self._backbone(batch.input_ids, batch.attention_mask, {})
+            real = batch.attention_mask[0].bool()
+            cached = (
+                states[:, real].to(self.dtype),
+                torch.ones(1, int(real.sum()), dtype=torch.long, device=self.device),
+            )
+            self._negative = cached
+        return cached[0].expand(num, -1, -1).clone(), cached[1].expand(num, -1).clone()
+
+    def clear_negative_cache(self) -> None:
+        self._negative = None
+
+    # -- image side -----------------------------------------------------------------------------------------------
+    def connect(self, condition: torch.Tensor, condition_mask: torch.Tensor) -> torch.Tensor:
+        """VLM states (N, L, H_vlm) -> decoder condition embeddings (N, L, D)."""
+        return self.connector(condition, condition_mask)
+
+    def decode_step(
+        self,
+        cond_embeds: torch.Tensor,
+        cond_mask: torch.Tensor,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        return_features: bool = False,
+    ) -> DecoderOutput:
+        """Velocity (N, C, h, w) at (latents, t), t (N,) with 0 = noise; features (N, layers + 1, n_img, D)."""
+        velocity, features = decoder_forward(
+            self.decoder, cond_embeds, cond_mask, latents, t, return_features=return_features
+        )
+        return DecoderOutput(velocity, features)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image; height and width must be multiples of VAE factor x patch."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        step = factor * self.decoder.config.patch_size
+        if height % step or width % step:
+            raise ValueError(
+                f"image size {height}x{width} must be a multiple of {step} (VAE factor x patch size)"
+            )
+        return self.decoder.config.in_channels, height // factor, width // factor
+
+    def initial_noise(self, num: int, group_size: int, cfg: ImageSamplingConfig, device=None) -> torch.Tensor:
+        """Standard normal latents (num, C, h, w) from a CPU generator seeded with ``cfg.seed`` (device
+        independent); one draw per group of ``group_size`` rows when ``cfg.shared_noise``, else one per row."""
+        if group_size < 1 or num % group_size:
+            raise ValueError(f"num ({num}) must be a positive multiple of group_size ({group_size})")
+        shape = self.latent_shape(cfg.height, cfg.width)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        if cfg.shared_noise:
+            noise = torch.randn((num // group_size, *shape), generator=gen).repeat_interleave(group_size, 0)
+        else:
+            noise = torch.randn((num, *shape), generator=gen)
+        return noise.to(device if device is not None else self.device)
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        cond_embeds: torch.Tensor,
+        cond_mask: torch.Tensor,
+        neg_embeds: torch.Tensor | None,
+        neg_mask: torch.Tensor | None,
+        noise: torch.Tensor,
+        cfg: ImageSamplingConfig,
+    ) -> torch.Tensor:
+        """Euler flow sampling from ``noise`` over t = 0 -> 1 (``cfg.steps`` uniform steps, OmniGen convention).
+
+        With guidance (``neg_embeds`` given and ``cfg.guidance_scale`` != 1) the condition and negative rows run
+        as ONE batch per step, ``v = v_neg + g (v_cond - v_neg)``. Condition keys/values are computed once per
+        call (``decoder_kv_cache``). Integration in fp32. Returns latents (N, C, h, w) float32.
+        """
+        n = noise.shape[0]
+        guided = neg_embeds is not None and cfg.guidance_scale != 1.0
+        embeds, mask = cond_embeds, cond_mask
+        if guided:
+            if neg_mask is None:
+                raise ValueError("neg_embeds given without neg_mask")
+            if neg_embeds.shape[0] == 1 and n > 1:
+                neg_embeds, neg_mask = neg_embeds.expand(n, -1, -1), neg_mask.expand(n, -1)
+            embeds, mask = cat_left_padded([cond_embeds, neg_embeds], [cond_mask, neg_mask])
+        grid = euler_grid(cfg.steps).to(noise.device)
+        x = noise.float()
+        cache = None
+        if self.decoder_kv_cache:
+            h, w = noise.shape[-2:]
+            cache = build_condition_cache(self.decoder, embeds, mask, num_image_tokens(self.decoder, h, w))
+        for i in range(cfg.steps):
+            x_in = torch.cat([x, x]) if guided else x
+            t = grid[i].expand(x_in.shape[0])
+            if cache is not None:
+                v = decoder_forward_cached(self.decoder, cache, x_in, t).float()
+            else:
+                v = decoder_forward(self.decoder, embeds, mask, x_in, t)[0].float()
+            if guided:
+                v_cond, v_neg = v.chunk(2)
+                v = v_neg + cfg.guidance_scale * (v_cond - v_neg)
+            x = x + (grid[i + 1] - grid[i]) * v
+        return x
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """``latents / scaling_factor`` (no shift) through the fp32 VAE, in batches of ``vae_batch_size``."""
+        images: list[Image.Image] = []
+        vae_device = next(self.vae.parameters()).device
+        for chunk in latents.split(self.vae_batch_size):
+            pixels = self.vae.decode(chunk.float().to(vae_device) / self.vae.config.scaling_factor).sample
+            pixels = (pixels / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+            images += [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+        return images
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        **kwargs,
+    ) -> MindOmni:
+        """Load MindOmni's released layout (``mllm/``, ``image_decoder/``, ``vae/``, ``connector.safetensors``)."""
+        from .checkpoint import load_mindomni
+
+        return load_mindomni(cls, path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the released layout (decoder in OmniGen-v1 key names, connector as ``0.*``/``1.*``/``2.*``)."""
+        from .checkpoint import save_mindomni
+
+        save_mindomni(self, path)
+
+
+# -- pure helpers ------------------------------------------------------------------------------------------------
+
+
+def _token_ids(tokenizer, tokens: Sequence[str]) -> list[int]:
+    """Ids of the tokens the vocabulary really has (unknown ones are skipped)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in tokens if t in vocab]
+
+
+def _cast_floating(module: nn.Module, dtype: torch.dtype, buffers: bool = False) -> None:
+    """Cast floating parameters (and buffers when asked) in place. VLM and connector keep their buffers (rotary
+    inverse frequencies) in fp32, as transformers' own loading does."""
+    tensors = list(module.parameters()) + (list(module.buffers()) if buffers else [])
+    for tensor in tensors:
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def _chunk_logps(
+    norm: nn.Module, head: nn.Module, states: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """log p(target) = logit[target] - logsumexp(logits), in fp32; states (n, H) pre-norm, targets (n,)."""
+    logits = head(norm(states)).float()
+    return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row from fp32 logits (B, V): temperature, then top-k, then top-p (nucleus)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def answer_condition_length(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> int:
+    """How many tokens of ``ids`` (a chain without its EOS) come strictly before the tokens spelling the first
+    ``</answer>``: the largest k whose decoded prefix stays within the text before ``</answer>``. A token that
+    carries the first character of ``</answer>`` (even merged with earlier text) is excluded. No ``</answer>``:
+    every token."""
+    text = decode(ids)
+    offset = text.find(ANSWER_CLOSE)
+    if offset < 0:
+        return len(ids)
+    before = text[:offset]
+    lo, hi = 0, len(ids)
+    while lo < hi:  # decoded length grows with k, so binary search on "fits before the tag"
+        mid = (lo + hi + 1) // 2
+        if len(decode(ids[:mid])) <= offset:
+            lo = mid
+        else:
+            hi = mid - 1
+    # A prefix cut inside a multi-byte character decodes to U+FFFD and is not a real prefix: step back.
+    while lo > 0 and not before.startswith(decode(ids[:lo])):
+        lo -= 1
+    return lo
+
+
+def pack_left(states: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the ``selected`` (N, S) positions of ``states`` (N, S, H) in order, left-padded to the longest row:
+    (N, L, H) with pads zeroed, and the mask (N, L) long. Differentiable w.r.t. ``states``."""
+    n, s, h = states.shape
+    counts = selected.sum(1)
+    length = int(counts.max())
+    # A stable sort puts unselected positions first and keeps the selected ones in order.
+    order = torch.sort(selected.to(torch.int32), dim=1, stable=True).indices[:, s - length :]
+    mask = selected.gather(1, order)
+    packed = states.gather(1, order[..., None].expand(-1, -1, h)) * mask[..., None].to(states.dtype)
+    return packed, mask.long()
+
+
+def cat_left_padded(
+    embeds: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack left-padded batches of different lengths along rows, left-padding each to the longest."""
+    length = max(e.shape[1] for e in embeds)
+    out_e, out_m = [], []
+    for e, m in zip(embeds, masks):
+        pad = length - e.shape[1]
+        out_e.append(torch.nn.functional.pad(e, (0, 0, pad, 0)))
+        out_m.append(torch.nn.functional.pad(m, (pad, 0)))
+    return torch.cat(out_e), torch.cat(out_m)
+
+
+def euler_grid(steps: int) -> torch.Tensor:
+    """t_0..t_steps (float32) of OmniGen's Euler sampler: ``1 - linspace(1, 0, steps + 1)``, exactly the times
+    ``FlowMatchEulerDiscreteScheduler(invert_sigmas=True, num_train_timesteps=1)`` walks."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return 1 - torch.from_numpy(np.linspace(1, 0, steps + 1).astype(np.float32))
