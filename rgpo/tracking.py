@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
