@@ -187,3 +187,25 @@ def test_two_ranks_torchrun_group_spans_ranks(tmp_path):
                   "checkpoint.every=0", launcher="torchrun")
     assert res["world"] == 2 and len(res["history"]) == 2
     assert set(res["trainable"]) <= set(res["changed"])
+
+
+def test_full_fine_tuning_with_frozen_reference(tmp_path):
+    """trainable.mode=full: every language-model weight trains, the vision tower and decoder do not, and the
+    reference (a separate frozen copy) stays exactly as built, so the text KL grows from 0."""
+    from rgpo.trainer import RGPOTrainer
+
+    cfg = tiny_cfg(tmp_path, "trainable.mode=full", "optim.lr=1e-4", "optim.max_steps=2", "checkpoint.every=0",
+                   "logging.mode=disabled", "trainable.train_connector=true")
+    trainer = RGPOTrainer(cfg)
+    ref_before = {n: p.detach().clone() for n, p in trainer.reference.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("connector.") for n in trainable)
+    assert all("visual" not in n and not n.startswith(("decoder.", "vae.")) for n in trainable)
+    assert trainer.history[0]["kl/text"] == 0.0 and trainer.history[-1]["kl/text"] > 0
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed <= trainable
+    assert any("language_model.layers.0.self_attn.q_proj" in n for n in changed)
+    assert all(torch.equal(p, ref_before[n]) for n, p in trainer.reference.named_parameters())
