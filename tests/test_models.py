@@ -735,3 +735,27 @@ def test_synced_generation_keeps_ranks_in_lockstep(tmp_path):
     assert early["calls"] == late["calls"] == 6  # prefill + 5 decoding steps on BOTH ranks
     assert early["mask"].tolist() == [[1]] * 4  # trimmed back to the one real token (the EOS)
     assert late["mask"].shape == (4, 6)
+
+
+def test_prompt_batch_select_and_repeat_with_mixed_image_counts():
+    """Rows with 0, 2 and 1 input images: selecting and repeating rows keeps each row's own images."""
+    from PIL import Image as PILImage
+
+    from rgpo.models.tiny import build_tiny_mindomni
+
+    model = build_tiny_mindomni(seed=0)
+    colours = ["red", "green", "blue"]
+    images = [PILImage.new("RGB", (56, 56), c) for c in colours]
+    rows = [{"prompt": "a cat"}, {"prompt": "two", "images": images[:2]}, {"prompt": "one", "images": images[2:]}]
+    batch = model.build_prompts(rows)
+    assert batch.images_per_row == [0, 2, 1]
+    singles = [model.build_prompts([r]) for r in rows]
+    picked = batch.select([2, 1])
+    assert picked.images_per_row == [1, 2]
+    torch.testing.assert_close(picked.vision["pixel_values"],
+                               torch.cat([singles[2].vision["pixel_values"], singles[1].vision["pixel_values"]]))
+    repeated = batch.repeat_interleave(2)
+    assert repeated.images_per_row == [0, 0, 2, 2, 1, 1]
+    assert repeated.vision["image_grid_thw"].shape[0] == 6
+    torch.testing.assert_close(repeated.select([4]).vision["pixel_values"], singles[2].vision["pixel_values"])
+    torch.testing.assert_close(repeated.select([3]).vision["pixel_values"], singles[1].vision["pixel_values"])

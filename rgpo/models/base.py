@@ -31,66 +31,54 @@ class PromptBatch:
     input_ids: torch.Tensor  # (N, P) left-padded
     attention_mask: torch.Tensor  # (N, P)
     vision: dict[str, torch.Tensor] = field(default_factory=dict)
+    images_per_row: list[int] | None = None  # None: every row has the same number of input images
 
     def to(self, device: torch.device | str) -> PromptBatch:
         return PromptBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
             {k: v.to(device) for k, v in self.vision.items()},
+            self.images_per_row,
         )
+
+    def _image_counts(self) -> list[int]:
+        rows = self.attention_mask.shape[0]
+        if self.images_per_row is not None:
+            return list(self.images_per_row)
+        grid = self.vision.get("image_grid_thw")
+        return [grid.shape[0] // rows if grid is not None else 0] * rows
 
     def select(self, rows: list[int]) -> PromptBatch:
         """The given rows (in that order), vision inputs included."""
         index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        counts = self._image_counts()
         return PromptBatch(self.input_ids[index], self.attention_mask[index],
-                           _select_vision(self.vision, self.attention_mask.shape[0], rows))
+                           _select_vision(self.vision, counts, rows), [counts[r] for r in rows])
 
     def repeat_interleave(self, repeats: int) -> PromptBatch:
         """Each prompt row repeated ``repeats`` times in place (group layout: p0,p0,p1,p1,...)."""
-        return PromptBatch(
-            self.input_ids.repeat_interleave(repeats, 0),
-            self.attention_mask.repeat_interleave(repeats, 0),
-            _repeat_vision(self.vision, self.attention_mask.shape[0], repeats),
-        )
+        rows = [r for r in range(self.attention_mask.shape[0]) for _ in range(repeats)]
+        return self.select(rows)
 
 
-def _select_vision(vision: dict[str, torch.Tensor], num_rows: int, rows: list[int]) -> dict[str, torch.Tensor]:
+def _select_vision(vision: dict[str, torch.Tensor], images_per_row: list[int], rows: list[int]) -> dict[str, torch.Tensor]:
+    """Vision inputs of the given rows. Qwen-style ``pixel_values`` are flat over images (one chunk of
+    ``prod(image_grid_thw[i])`` patches per image) and ``image_grid_thw`` has one row per image, so both are
+    picked image by image, following how many images each row holds."""
     if not vision:
         return {}
-    out = {}
     grid = vision.get("image_grid_thw")
-    images_per_row = grid.shape[0] // num_rows if grid is not None else 0
+    first_image = [sum(images_per_row[:r]) for r in range(len(images_per_row))]
+    images = [first_image[r] + j for r in rows for j in range(images_per_row[r])]
+    out = {}
     for key, value in vision.items():
         if key == "pixel_values" and grid is not None:
             chunks = torch.split(value, grid.prod(-1).tolist(), 0)
-            out[key] = torch.cat([chunks[r * images_per_row + j] for r in rows for j in range(images_per_row)])
+            out[key] = torch.cat([chunks[i] for i in images]) if images else value[:0]
         elif key == "image_grid_thw":
-            out[key] = value.view(num_rows, images_per_row, -1)[rows].reshape(-1, value.shape[-1])
+            out[key] = value[images]
         else:
             out[key] = value[rows]
-    return out
-
-
-def _repeat_vision(vision: dict[str, torch.Tensor], num_rows: int, repeats: int) -> dict[str, torch.Tensor]:
-    """Repeat per-row vision tensors. Qwen-style ``pixel_values`` are flat over images, so they are repeated
-    by chunks that follow ``image_grid_thw`` (one row per image), not by rows."""
-    if not vision:
-        return {}
-    out = {}
-    grid = vision.get("image_grid_thw")
-    for key, value in vision.items():
-        if key == "pixel_values" and grid is not None:
-            sizes = grid.prod(-1).tolist()
-            chunks = torch.split(value, sizes, 0)
-            images_per_row = len(chunks) // num_rows
-            rows = [torch.cat(chunks[i * images_per_row : (i + 1) * images_per_row]) for i in range(num_rows)]
-            out[key] = torch.cat([r for r in rows for _ in range(repeats)])
-        elif key == "image_grid_thw":
-            images_per_row = value.shape[0] // num_rows
-            rows = value.view(num_rows, images_per_row, -1)
-            out[key] = rows.repeat_interleave(repeats, 0).reshape(-1, value.shape[-1])
-        else:
-            out[key] = value.repeat_interleave(repeats, 0)
     return out
 
 

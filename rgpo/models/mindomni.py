@@ -154,7 +154,7 @@ class MindOmni(UnifiedModel):
 
     def build_prompts(self, rows: list[dict[str, Any]]) -> PromptBatch:
         """Left-padded chat prompts (with the assistant generation prompt) from ``{"prompt", "images"?}`` rows."""
-        texts, images = [], []
+        texts, images, counts = [], [], []
         for i, row in enumerate(rows):
             if not isinstance(row.get("prompt"), str):
                 raise KeyError(f"row {i} needs a 'prompt' string (got keys {sorted(row)})")
@@ -166,12 +166,13 @@ class MindOmni(UnifiedModel):
                 self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             )
             images.extend(im.convert("RGB") for im in row_images)
+            counts.append(len(row_images))
         enc = self.processor(
             text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt"
         )
         # Position ids are rebuilt from the ids, so only the vision tower's inputs travel with the batch.
         vision = {k: enc[k] for k in VISION_KEYS if k in enc} if images else {}
-        return PromptBatch(enc["input_ids"], enc["attention_mask"], vision)
+        return PromptBatch(enc["input_ids"], enc["attention_mask"], vision, counts if images else None)
 
     # -- VLM internals --------------------------------------------------------------------------------------------
     def _position_ids(
