@@ -1,0 +1,1 @@
+"""Examples of user-written rewards, loadable by file path or dotted path from a config."""

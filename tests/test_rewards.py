@@ -1,0 +1,441 @@
+"""The rewards package: format checks, resolving specs, combining with errors that name the culprit, and a
+tiny CLIP trained on coloured shapes whose reward must rank the right image first for every caption."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip / transformers are imported: no model hub, ever
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import rewards  # noqa: E402
+from rewards import (  # noqa: E402
+    REGISTRY,
+    ClipConsistencyReward,
+    Reward,
+    RewardError,
+    check_columns,
+    combine,
+    format_reward,
+    format_strict_reward,
+    get_reward,
+    register_reward,
+)
+from rewards.clip import (  # noqa: E402
+    TINY_CLIP_NAME,
+    build_tiny_clip,
+    clear_clip_cache,
+    default_quick_gelu,
+    train_tiny_clip,
+)
+from rewards.format import extract_answer  # noqa: E402
+from rewards.shapes import shape_captions, synthetic_shapes  # noqa: E402
+
+EXAMPLE = Path(rewards.__file__).parent / "examples" / "length_penalty.py"
+REPO = Path(rewards.__file__).parent.parent
+
+
+# ---------------------------------------------------------------------------------------------- format
+@pytest.mark.parametrize(
+    ("completion", "search", "strict"),
+    [
+        ("<think>the cat has nine lives</think><answer>a cat</answer>", 1.0, 1.0),
+        ("<think>line one\nline two</think>\n\n<answer>a red\napple</answer>", 1.0, 1.0),  # DOTALL, \s* between
+        ("  \n<think>x</think><answer>y</answer>\n ", 1.0, 1.0),  # strict strips outer whitespace first
+        ("Sure! <think>x</think><answer>y</answer>", 1.0, 0.0),  # text before
+        ("<think>x</think><answer>y</answer> Hope that helps.", 1.0, 0.0),  # text after
+        ("<answer>a cat</answer>", 0.0, 0.0),  # missing think
+        ("<answer>a cat</answer><think>x</think>", 0.0, 0.0),  # answer before think
+        ("<think>x</think> so the answer is <answer>y</answer>", 0.0, 0.0),  # only whitespace may separate
+        ("<think>x</think><answer>cut off by the token lim", 0.0, 0.0),  # unclosed answer
+        ("<think>x<answer>y</answer>", 0.0, 0.0),  # unclosed think
+        ("", 0.0, 0.0),
+    ],
+)
+def test_format_rewards(completion, search, strict):
+    assert format_reward(["p"], [completion], [None]) == [search]
+    assert format_strict_reward(["p"], [completion], [None]) == [strict]
+
+
+def test_format_rewards_batch_and_unknown_columns():
+    completions = ["<think>a</think><answer>b</answer>", "nothing"]
+    assert format_reward(["p", "q"], completions, [None, None], gt_prompt=["x", "y"], anything=[1, 2]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("<think>x</think><answer>  a red apple \n</answer>", "a red apple"),
+        ("<answer>first</answer><answer>second</answer>", "first"),
+        ("<think>x</think><answer> cut off", "cut off"),  # opened, never closed
+        ("<answer></answer>", ""),
+        ("<think>no answer</think>", None),
+    ],
+)
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+# ---------------------------------------------------------------------------------------------- get_reward
+def test_registered_names():
+    for name in ("format", "format_strict", "clip_consistency"):
+        assert name in REGISTRY
+    reward = get_reward("format")
+    assert isinstance(reward, Reward) and reward.name == "format" and reward.weight == 1.0
+    assert reward(["p"], ["<think>a</think><answer>b</answer>"], [None]) == [1.0]
+
+
+def test_unknown_name_lists_registered_names():
+    with pytest.raises(RewardError, match="unknown reward 'clip_score'") as info:
+        get_reward("clip_score")
+    for name in ("format", "format_strict", "clip_consistency"):
+        assert repr(name) in str(info.value)
+
+
+def test_path_without_function_gets_a_hint():
+    with pytest.raises(RewardError, match="needs ':function'"):
+        get_reward("rewards/examples/length_penalty.py")
+
+
+LENGTH_COMPLETIONS = [
+    "<think>one two three</think><answer>x</answer>",  # 3 words, inside [2, 4]
+    "<think>one</think><answer>x</answer>",  # 1 word: 1 / 2
+    "<think>a b c d e f</think>",  # 6 words: 1 - (6 - 4) / 4
+    "<think>a b c d e f g h i</think>",  # 9 words: 1 - 5 / 4 < 0 -> 0
+    "no reasoning at all",  # no think block: does not apply
+]
+LENGTH_EXPECTED = [1.0, 0.5, 0.5, 0.0, None]
+
+
+def test_dotted_path():
+    reward = get_reward("rewards.examples.length_penalty:length_reward", min_words=2, max_words=4)
+    assert reward.name == "length_reward"
+    assert reward(["p"] * 5, LENGTH_COMPLETIONS, [None] * 5) == LENGTH_EXPECTED
+
+
+def test_file_path_absolute_and_relative(monkeypatch):
+    reward = get_reward(f"{EXAMPLE}:length_reward", min_words=2, max_words=4)
+    assert reward.name == "length_reward"
+    assert reward(["p"] * 5, LENGTH_COMPLETIONS, [None] * 5, gt_prompt=["x"] * 5) == LENGTH_EXPECTED
+    monkeypatch.chdir(REPO)  # what a YAML config says: a path relative to the working directory
+    relative = get_reward({"name": "rewards/examples/length_penalty.py:length_reward", "weight": 0.1,
+                           "kwargs": {"min_words": 2, "max_words": 4}})
+    assert relative.weight == 0.1
+    assert relative(["p"] * 5, LENGTH_COMPLETIONS, [None] * 5) == LENGTH_EXPECTED
+
+
+def test_missing_attribute_names_file_and_attribute():
+    with pytest.raises(RewardError, match="has no attribute 'length_rewrd'") as info:
+        get_reward(f"{EXAMPLE}:length_rewrd")
+    assert str(EXAMPLE) in str(info.value) and "length_reward" in str(info.value)  # lists what is there
+    with pytest.raises(RewardError, match="has no attribute 'nope'"):
+        get_reward("rewards.examples.length_penalty:nope")
+
+
+def test_missing_file_and_module():
+    with pytest.raises(RewardError, match=r"file 'no/such/rewards\.py' not found"):
+        get_reward("no/such/rewards.py:fn")
+    with pytest.raises(RewardError, match="cannot import module 'no_such_package.rewards'"):
+        get_reward("no_such_package.rewards:fn")
+
+
+def test_register_function_and_class():
+    @dataclasses.dataclass
+    class Scaled:
+        scale: float = 1.0
+        required_columns = ("score",)
+
+        def __call__(self, prompts, completions, images, score, **columns):
+            return [self.scale * s for s in score]
+
+    def constant(prompts, completions, images, value=1.0, **columns):
+        return [value] * len(prompts)
+
+    try:
+        register_reward("test_scaled")(Scaled)
+        register_reward("test_constant")(constant)
+        register_reward("test_constant")(constant)  # the same object again: a no-op
+        scaled = get_reward("test_scaled", scale=2.0)
+        assert isinstance(scaled.fn, Scaled) and scaled.required_columns == ("score",)
+        assert scaled(["p", "q"], ["", ""], [None, None], score=[1.0, 3.0]) == [2.0, 6.0]
+        constant_reward = get_reward("test_constant", value=0.25)
+        assert constant_reward.name == "test_constant"
+        assert constant_reward(["p"], [""], [None]) == [0.25]
+        with pytest.raises(RewardError, match="already registered"):
+            register_reward("test_constant")(Scaled)
+        with pytest.raises(RewardError, match="test_scaled.*unexpected keyword argument 'scal'"):
+            get_reward("test_scaled", scal=2.0)
+    finally:
+        REGISTRY.pop("test_scaled", None)
+        REGISTRY.pop("test_constant", None)
+
+
+# ---------------------------------------------------------------------------------------------- combine
+def _fixed(name, values, weight=1.0):
+    """A reward returning ``values`` whatever the batch."""
+    return Reward(name, lambda prompts, completions, images, **columns: list(values), weight)
+
+
+def _combine(*reward_list, weights=None, n=3, timeout=None, **columns):
+    return combine(list(reward_list), weights, ["p"] * n, ["c"] * n, [None] * n, columns, timeout=timeout)
+
+
+def test_combine_weights_by_hand():
+    # total = 1.0 * a + 2.0 * b:  [1 + 2*.5, 0 + 2*(-1), 1 + 2*.25] = [2.0, -2.0, 1.5]
+    total, per = _combine(_fixed("a", [1.0, 0.0, 1.0]), _fixed("b", [0.5, -1, 0.25]), weights=[1.0, 2.0])
+    torch.testing.assert_close(total, torch.tensor([2.0, -2.0, 1.5]))
+    torch.testing.assert_close(per, torch.tensor([[1.0, 0.5], [0.0, -1.0], [1.0, 0.25]]))
+    assert total.dtype == per.dtype == torch.float32
+
+
+def test_combine_none_is_missing_and_weights_from_rewards():
+    # Sample 1: only a applies -> 0.5 * 4; sample 2: nothing applies -> 0.0 with an all-NaN row.
+    total, per = _combine(_fixed("a", [1.0, 4.0, None], weight=0.5), _fixed("b", [2.0, None, None], weight=3.0))
+    torch.testing.assert_close(total, torch.tensor([0.5 + 6.0, 2.0, 0.0]))
+    assert per[1, 1].isnan() and per[2].isnan().all() and not per[0].isnan().any()
+
+
+def test_combine_passes_columns():
+    def echo(prompts, completions, images, gt_prompt, **columns):
+        return [float(len(t)) for t in gt_prompt]
+
+    total, _ = _combine(echo, weights=[1.0], n=2, gt_prompt=["ab", "abcd"], other=[0, 0])
+    torch.testing.assert_close(total, torch.tensor([2.0, 4.0]))
+    as_tensor = Reward("as_tensor", lambda *a, **k: torch.tensor([0.5, 1.5]))  # a 1-D tensor is accepted too
+    torch.testing.assert_close(_combine(as_tensor, n=2)[0], torch.tensor([0.5, 1.5]))
+
+
+@pytest.mark.parametrize(
+    ("values", "pattern"),
+    [
+        ([1.0, 1.0], r"reward 'bad' returned 2 values; expected 3"),
+        ([1.0, float("nan"), 0.0], r"reward 'bad' returned nan for sample 1"),
+        ([1.0, 0.0, float("-inf")], r"reward 'bad' returned -inf for sample 2"),
+        ([1.0, "0.5", 0.0], r"reward 'bad' returned str '0.5' for sample 1"),
+        (None, r"reward 'bad' returned NoneType"),
+    ],
+)
+def test_combine_bad_values_name_reward_and_sample(values, pattern):
+    with pytest.raises(RewardError, match=pattern):
+        _combine(_fixed("good", [0.0, 0.0, 0.0]), Reward("bad", lambda *a, **k: values))
+
+
+def test_combine_exception_is_chained():
+    def broken(prompts, completions, images, **columns):
+        raise ZeroDivisionError("no images to divide by")
+
+    with pytest.raises(RewardError, match="reward 'broken' raised ZeroDivisionError: no images to divide by") as info:
+        _combine(broken, weights=[1.0])
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_combine_timeout():
+    release = threading.Event()
+
+    def stuck(prompts, completions, images, **columns):
+        release.wait(10)
+        return [0.0] * len(prompts)
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(RewardError, match=r"reward 'stuck' took longer than the timeout of 0.2 s"):
+            _combine(Reward("stuck", stuck), timeout=0.2)
+    finally:
+        release.set()  # let the abandoned worker thread finish
+    assert time.monotonic() - start < 5
+    total, _ = _combine(_fixed("quick", [1.0, 2.0, 3.0]), timeout=5)  # a reward within its time is unaffected
+    torch.testing.assert_close(total, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_combine_timeout_error_raised_by_the_reward_is_not_a_timeout():
+    def raises_timeout(prompts, completions, images, **columns):
+        raise TimeoutError("the judge server did not answer")
+
+    with pytest.raises(RewardError, match="raised TimeoutError: the judge server did not answer"):
+        _combine(raises_timeout, weights=[1.0], timeout=5)
+
+
+def test_combine_checks_batch_lengths():
+    with pytest.raises(RewardError, match=r"batch has 3 prompts but column 'gt_prompt' has 2"):
+        _combine(_fixed("a", [0.0] * 3), gt_prompt=["x", "y"])
+
+
+def test_check_columns_names_reward_and_column():
+    def needs_caption(prompts, completions, images, caption, **columns):
+        return [0.0] * len(prompts)
+
+    needs_caption.required_columns = ("caption",)
+    check_columns(needs_caption, ["caption", "id"])  # present: fine
+    with pytest.raises(RewardError, match=r"reward 'needs_caption' needs column\(s\) \['caption'\].*available columns: \['gt_prompt', 'id'\]"):
+        check_columns(needs_caption, {"gt_prompt", "id"})
+    with pytest.raises(RewardError, match="reward 'needs_caption' needs column"):  # combine checks before calling
+        _combine(needs_caption, weights=[1.0], gt_prompt=["a", "b", "c"])
+    wrapped = get_reward(f"{EXAMPLE}:length_reward")  # a function without required_columns needs nothing
+    check_columns(wrapped, [])
+
+
+# ---------------------------------------------------------------------------------------------- CLIP
+N_CAPTIONS = len(shape_captions())
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """A tiny CLIP trained for a few seconds on procedurally drawn coloured shapes (seeded)."""
+    images, captions = synthetic_shapes(per_caption=20, seed=0)
+    # One thread: on a 2-core machine shared with other test runs, two OpenMP threads ran training 20x
+    # slower (each barrier waits for a descheduled thread); alone, one thread is about as fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_tiny_clip(images, captions, steps=100, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fresh_images():
+    """One fresh image per caption, drawn with another seed than the training set."""
+    images, captions = synthetic_shapes(per_caption=1, seed=1234)
+    assert captions == shape_captions()
+    return images
+
+
+def _reward(bundle, **kwargs):
+    return ClipConsistencyReward(model=bundle.model, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer, **kwargs)
+
+
+def _all_pairs(reward, images):
+    """(caption, image) similarity matrix over every caption and image, through the reward call."""
+    captions = shape_captions()
+    n = len(captions)
+    pairs = [(c, img) for c in captions for img in images]
+    values = reward(["p"] * n * n, ["c"] * n * n, [img for _, img in pairs], gt_prompt=[c for c, _ in pairs])
+    return torch.tensor(values).view(n, n)
+
+
+def test_tiny_clip_size():
+    n_params = sum(p.numel() for p in build_tiny_clip().model.parameters())
+    assert 1_000_000 <= n_params <= 3_000_000
+
+
+def test_clip_reward_ranks_the_matching_image_first(tiny_clip, fresh_images):
+    scores = _all_pairs(_reward(tiny_clip, clamp_min=None), fresh_images)
+    captions = shape_captions()
+    for i, caption in enumerate(captions):
+        others = torch.cat([scores[i, :i], scores[i, i + 1 :]])
+        worst = captions[int(torch.argmax(scores[i]))]
+        assert scores[i, i] > others.max(), f"{caption!r}: its image scores {scores[i, i]:.3f}, {worst!r}'s more"
+
+
+def test_untrained_clip_does_not_rank_them(fresh_images):
+    # The control for the test above: the ranking comes from training, not from the test's construction.
+    scores = _all_pairs(_reward(build_tiny_clip(seed=0), clamp_min=None), fresh_images)
+    off_diagonal = scores.masked_fill(torch.eye(N_CAPTIONS, dtype=torch.bool), -2.0)
+    assert (scores.diag() > off_diagonal.max(dim=1).values).sum() < N_CAPTIONS // 2
+
+
+def test_clip_reward_clamps_at_clamp_min(tiny_clip, fresh_images):
+    raw = _all_pairs(_reward(tiny_clip, clamp_min=None), fresh_images)
+    torch.testing.assert_close(_all_pairs(_reward(tiny_clip), fresh_images), raw.clamp(min=0.0))
+    threshold = float(raw.median())  # half the pairs fall below it, so the clamp is exercised
+    torch.testing.assert_close(_all_pairs(_reward(tiny_clip, clamp_min=threshold), fresh_images), raw.clamp(min=threshold))
+
+
+def test_clip_reward_none_image_or_text_gives_none(tiny_clip, fresh_images):
+    reward = _reward(tiny_clip)
+    values = reward(["p"] * 3, ["c"] * 3, [fresh_images[0], None, fresh_images[1]], gt_prompt=["a red circle", "a red circle", None])
+    assert isinstance(values[0], float) and values[1] is None and values[2] is None
+
+
+def test_clip_reward_batches_agree(tiny_clip, fresh_images):
+    captions = shape_captions()
+    one_batch = _reward(tiny_clip, clamp_min=None)(["p"] * N_CAPTIONS, ["c"] * N_CAPTIONS, fresh_images, gt_prompt=captions)
+    small_batches = _reward(tiny_clip, clamp_min=None, batch_size=5)(["p"] * N_CAPTIONS, ["c"] * N_CAPTIONS, fresh_images, gt_prompt=captions)
+    assert one_batch == pytest.approx(small_batches, abs=1e-5)
+
+
+def test_clip_reward_answer_column(tiny_clip, fresh_images):
+    by_column = _reward(tiny_clip, clamp_min=None)
+    by_answer = _reward(tiny_clip, clamp_min=None, text_column="answer")
+    assert by_column.required_columns == ("gt_prompt",) and by_answer.required_columns == ()
+    images = fresh_images[:3]
+    completions = [
+        "<think>red and round</think><answer> a red circle </answer>",
+        "<think>no closing tag</think><answer>a red square",
+        "a red triangle",  # no answer tag: the whole completion is the text
+    ]
+    expected = by_column(["p"] * 3, ["c"] * 3, images, gt_prompt=["a red circle", "a red square", "a red triangle"])
+    assert by_answer(["p"] * 3, completions, images) == pytest.approx(expected, abs=1e-6)
+
+
+def test_clip_reward_missing_column(tiny_clip, fresh_images):
+    reward = get_reward("clip_consistency", model=tiny_clip.model, preprocess=tiny_clip.preprocess, tokenizer=tiny_clip.tokenizer)
+    assert reward.name == "clip_consistency"
+    with pytest.raises(RewardError, match=r"reward 'clip_consistency' needs column\(s\) \['gt_prompt'\]"):
+        check_columns(reward, ["caption"])
+    with pytest.raises(KeyError, match="gt_prompt"):
+        reward(["p"], ["c"], [fresh_images[0]], caption=["a red circle"])
+
+
+def test_clip_loads_local_weights_once(tiny_clip, fresh_images, tmp_path):
+    """The pretrained-file path (what a real ViT-L checkpoint takes) is cached and gives the same rewards."""
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(tiny_clip.model.state_dict(), weights)
+    clear_clip_cache()
+    try:
+        first = ClipConsistencyReward(model_name=TINY_CLIP_NAME, pretrained=str(weights), device="cpu", clamp_min=None)
+        second = get_reward("clip_consistency", model_name=TINY_CLIP_NAME, pretrained=str(weights), device="cpu",
+                            text_column="answer")
+        assert first.model is second.fn.model and first.model is not tiny_clip.model
+        assert not any(p.requires_grad for p in first.model.parameters()) and not first.model.training
+        captions = shape_captions()
+        loaded = first(["p"] * N_CAPTIONS, ["c"] * N_CAPTIONS, fresh_images, gt_prompt=captions)
+        injected = _reward(tiny_clip, clamp_min=None)(["p"] * N_CAPTIONS, ["c"] * N_CAPTIONS, fresh_images, gt_prompt=captions)
+        assert loaded == pytest.approx(injected, abs=1e-5)
+    finally:
+        clear_clip_cache()
+
+
+def test_clip_quick_gelu_default():
+    # OpenAI's weights are the only ViT-L-14-336 release and use QuickGELU; ViT-L-14 has releases of both kinds.
+    assert default_quick_gelu("ViT-L-14-336") is True
+    assert default_quick_gelu("ViT-L-14") is False and default_quick_gelu(TINY_CLIP_NAME) is False
+
+
+def test_clip_random_weights_warn_and_unknown_model_is_named():
+    clear_clip_cache()
+    try:
+        with pytest.warns(UserWarning, match="random weights"):
+            ClipConsistencyReward(model_name=TINY_CLIP_NAME, device="cpu")
+    finally:
+        clear_clip_cache()
+    with pytest.raises(RewardError, match="unknown open_clip model 'ViT-Nope'"):
+        get_reward("clip_consistency", model_name="ViT-Nope")
+
+
+def test_clip_missing_weights_file_is_named():
+    with pytest.raises(RewardError, match=r"clip_consistency.*pretrained weights '/no/such/clip\.bin' not found"):
+        get_reward("clip_consistency", model_name=TINY_CLIP_NAME, pretrained="/no/such/clip.bin")
+
+
+def test_clip_reward_through_combine(tiny_clip, fresh_images):
+    reward_list = [get_reward("format"), get_reward({"name": "clip_consistency", "weight": 2.0, "kwargs": {
+        "model": tiny_clip.model, "preprocess": tiny_clip.preprocess, "tokenizer": tiny_clip.tokenizer}})]
+    completions = ["<think>x</think><answer>a red circle</answer>", "plain text"]
+    total, per = combine(reward_list, None, ["p", "q"], completions, [fresh_images[0], None], {"gt_prompt": ["a red circle"] * 2})
+    assert per[0, 0] == 1.0 and per[1, 0] == 0.0 and not math.isnan(per[0, 1]) and per[1, 1].isnan()
+    torch.testing.assert_close(total, torch.stack([1.0 + 2.0 * per[0, 1], torch.tensor(0.0)]))
+
+
+def test_tiny_clip_tokenizer_is_offline():
+    import open_clip
+
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a red circle"])
+    assert tokens.shape == (1, 77) and int(tokens[0, 0]) == 49406  # start-of-text of the bundled BPE vocab
