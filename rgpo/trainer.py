@@ -19,7 +19,6 @@ import math
 import os
 import random
 import signal
-import time
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -678,8 +677,3 @@ def _restore_stop_handlers(previous) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
 
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start

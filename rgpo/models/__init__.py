@@ -7,7 +7,6 @@ from .base import (
     ImageSamplingConfig,
     PromptBatch,
     UnifiedModel,
-    dataclass_to,
 )
 from .mindomni import MindOmni
 from .registry import MODEL_FAMILIES, get_model_class, load_model
@@ -21,7 +20,6 @@ __all__ = [
     "MindOmni",
     "PromptBatch",
     "UnifiedModel",
-    "dataclass_to",
     "get_model_class",
     "load_model",
 ]

@@ -13,7 +13,7 @@ Conventions shared by every method:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -247,8 +247,3 @@ class UnifiedModel(torch.nn.Module):
     def save_pretrained(self, path: str) -> None:
         raise NotImplementedError
 
-
-def dataclass_to(obj, device):
-    """Move every tensor field of a dataclass to ``device`` (a shallow copy)."""
-    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
-    return type(obj)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
