@@ -51,7 +51,7 @@ class Rollout:
     rows: list[PromptRow]  # one per chain
     prompts: PromptBatch  # one row per chain
     completions: Completions
-    old_logps: torch.Tensor  # (n, T) sampling policy's log-probs
+    old_logps: torch.Tensor | None  # (n, T) sampling policy's log-probs (only when num_iterations > 1 or images)
     ref_logps: torch.Tensor | None  # (n, T)
     ref_condition: torch.Tensor | None  # (n, L, H) reference condition states (image KL)
     ref_condition_mask: torch.Tensor | None
@@ -265,7 +265,7 @@ class RGPOTrainer:
         self.step += 1
         metrics = self._step_metrics(rollout, all_rewards, total, update_metrics)
         metrics.update(timer.metrics())
-        step_time = sum(timer.seconds.values())
+        step_time = sum(v for k, v in timer.seconds.items() if "/" not in k)  # nested phases are inside these
         metrics["throughput/chains_per_s"] = self.cfg.rollout.batch_size / max(step_time, 1e-9)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if self._should(self.cfg.logging.table_every):
@@ -282,7 +282,11 @@ class RGPOTrainer:
             with timer("rollout/text"):
                 prompts, completions = self._sample_chains(rows, [s.group for s in slots])
             with timer("rollout/forward"):
-                policy = model.forward_text(prompts, completions, with_condition=cfg.rollout.image.enabled)
+                # The policy's no-grad forward gives the images' condition and, for num_iterations > 1, the
+                # sampling policy's log-probs; with neither needed (text only, one update) it is skipped.
+                policy = None
+                if cfg.rollout.image.enabled or cfg.loss.num_iterations > 1:
+                    policy = model.forward_text(prompts, completions, with_condition=cfg.rollout.image.enabled)
                 need_ref_condition = cfg.rollout.image.enabled and cfg.loss.image_regularizer != "none" \
                     and cfg.loss.image_kl_coef > 0
                 ref_logps = ref_cond = ref_mask = None
@@ -295,7 +299,8 @@ class RGPOTrainer:
                 with timer("rollout/images"):
                     images = self._draw(policy.condition, policy.condition_mask, [s.global_index for s in slots],
                                         [s.group for s in slots])
-        return Rollout(rows, prompts, completions, policy.logps, ref_logps if cfg.loss.beta > 0 else None,
+        return Rollout(rows, prompts, completions, policy.logps if policy is not None else None,
+                       ref_logps if cfg.loss.beta > 0 else None,
                        ref_cond, ref_mask, images, [s.global_index for s in slots])
 
     def _sample_chains(self, rows: list[PromptRow], groups: list[int]) -> tuple[PromptBatch, Completions]:

@@ -209,3 +209,17 @@ def test_full_fine_tuning_with_frozen_reference(tmp_path):
     assert changed <= trainable
     assert any("language_model.layers.0.self_attn.q_proj" in n for n in changed)
     assert all(torch.equal(p, ref_before[n]) for n, p in trainer.reference.named_parameters())
+
+
+def test_text_only_mode_is_plain_vlm_grpo(tmp_path):
+    """rollout.image.enabled=false: no images, no image KL, and the LoRA still learns from the text loss."""
+    from rgpo.trainer import RGPOTrainer
+
+    trainer = RGPOTrainer(tiny_cfg(tmp_path, "rollout.image.enabled=false", "optim.max_steps=2",
+                                   "checkpoint.every=0", "logging.mode=disabled"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert "kl/image" not in trainer.history[-1] and "timing/rollout/images" not in trainer.history[-1]
+    assert trainer._last_rollout.images == [None] * 8 and trainer._last_rollout.old_logps is None
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -1,0 +1,44 @@
+"""Smoke test of the benchmark harness (scripts/bench.py): it runs, names the machine and writes every phase with
+positive numbers. No speed target is asserted: timings depend on the machine and its load."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_quick_smoke(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--steps", "2", "--warmup", "1",
+         "--skip-trl", "--skip-scaling", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").read_text().startswith("# rgpo benchmark")
+
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["torch"] and machine["device"] in ("cpu", "cuda")
+
+    main = report["main"]
+    assert main["steps_measured"] == 2 and main["steps_warmup"] == 1
+    for phase in ("rollout", "rollout/text", "rollout/forward", "rollout/reference", "rollout/images", "rewards",
+                  "update"):
+        assert main["phase_s"][phase] > 0, phase
+    assert main["step_s"] > 0 and main["peak_mib"] > 0
+    assert main["chains_per_step"] == 8 and main["images_per_step"] == 8
+    assert main["tokens_per_step"] == 8 * 24  # EOS banned: every chain is max_new_tokens long
+    for key in ("chains_per_s", "images_per_s", "tokens_per_s_step", "tokens_per_s_generation"):
+        assert main["throughput"][key] > 0, key
+
+    bare = main["bare"]["median"]
+    for key in ("generate_s", "forward_nograd_s", "images_s", "update_s", "total_s"):
+        assert bare[key] > 0, key
+    assert "overhead_pct" in report["overhead"]
