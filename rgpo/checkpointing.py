@@ -2,7 +2,7 @@
 
 A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N`` only once every
 rank has finished and ``trainer_state.json`` (the completion marker) is in it. A crash, SIGKILL or full disk
-mid-write leaves at most a ``.tmp-*`` folder, which resume ignores and the next save removes; the previous
+mid-write leaves at most a ``.tmp-*`` (or ``.old-*``) folder, which resume ignores and the next save removes; the previous
 checkpoints are untouched. Ranks' files live on a filesystem every rank sees (as DeepSpeed assumes).
 """
 
@@ -63,15 +63,27 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 def read_state(path: Path) -> dict[str, Any]:
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete rgpo checkpoint: {STATE_FILE} is missing")
-    return json.loads((path / STATE_FILE).read_text())
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / STATE_FILE} is corrupt ({e}); delete {path} to resume from the previous "
+                         f"checkpoint") from e
 
 
 def publish(tmp: Path, step: int, output_dir: str | Path, keep_last: int) -> Path:
     """Rename a finished temporary checkpoint into place and prune old ones (rank 0 only)."""
     final = final_dir(output_dir, step)
-    if final.exists():  # a re-run of the same step after a resume: the new one replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():
+        # A re-run of the same step after a resume: move the old one aside first (one atomic rename), so no
+        # moment exists where a half-deleted folder carries a completion marker.
+        old = final.parent / f".old-{final.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -80,5 +92,5 @@ def publish(tmp: Path, step: int, output_dir: str | Path, keep_last: int) -> Pat
 def remove_stale_temporaries(output_dir: str | Path) -> None:
     root = checkpoint_root(output_dir)
     if root.is_dir():
-        for child in root.glob(".tmp-step-*"):
+        for child in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
             shutil.rmtree(child, ignore_errors=True)

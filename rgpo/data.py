@@ -137,10 +137,10 @@ class PromptSampler:
     """
 
     def __init__(self, num_prompts: int, prompts_per_step: int, group_size: int, *, seed: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1, source: str = "the prompt file"):
         if num_prompts < prompts_per_step:
             raise DataError(
-                f"the prompt file holds {num_prompts} prompts but one step needs {prompts_per_step} "
+                f"{source} holds {num_prompts} prompts but one step needs {prompts_per_step} "
                 f"(rollout.batch_size / rollout.num_generations); add prompts or lower rollout.batch_size")
         self.num_prompts, self.prompts_per_step, self.group_size = num_prompts, prompts_per_step, group_size
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size

@@ -172,7 +172,10 @@ class RGPOTrainer:
                     check_columns(rows, column, reward.name)
         G = cfg.rollout.num_generations
         self.sampler = PromptSampler(len(self.train_rows), cfg.rollout.batch_size // G, G, seed=cfg.data.seed,
-                                     shuffle=cfg.data.shuffle, rank=self.rank, world_size=self.world)
+                                     shuffle=cfg.data.shuffle, rank=self.rank, world_size=self.world,
+                                     source=f"data.train_file={cfg.data.train_file}")
+        # An unusable checkpoint is reported now, before minutes of model loading.
+        resume_from, resume_state = self._find_resume()
 
         ds_config = build_deepspeed_config(cfg, self.world)
         self.zero3 = zero_stage(ds_config) == 3
@@ -192,7 +195,7 @@ class RGPOTrainer:
         self.image_cfg = ImageSamplingConfig(**{k: getattr(cfg.rollout.image, k) for k in (
             "height", "width", "steps", "guidance_scale", "seed", "shared_noise")})
         self._stop_requested = False
-        run_id = self._maybe_resume()
+        run_id = self._load_resume(resume_from, resume_state) if resume_from is not None else None
         self.logger = logger or self._make_logger(run_id)
         if self.rank == 0:
             save_config(cfg, self.out / "config.yaml")
@@ -587,21 +590,29 @@ class RGPOTrainer:
                 save_file({n: p.detach().to("cpu").contiguous().clone() for n, p in named.items()},
                           str(path / "trainable.safetensors"))
 
-    def _maybe_resume(self) -> str | None:
+    def _find_resume(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from and its state, checked without the model: complete, readable, and of
+        this model family."""
         resume = self.cfg.checkpoint.resume
         if not resume:
-            return None
+            return None, None
         path = ckpt.newest_complete(self.out) if resume == "auto" else Path(resume)
         if path is None:
-            return None
+            return None, None
         state = ckpt.read_state(path)
-        if state.get("family") != self.model.family:
-            raise ValueError(f"checkpoint {path} is of model family {state.get('family')!r}, not {self.model.family!r}")
+        if state.get("family") != self.cfg.model.family:
+            raise ValueError(f"checkpoint {path} is of model family {state.get('family')!r}, not "
+                             f"{self.cfg.model.family!r} (model.family)")
+        if not any((path / "engine").glob("*model_states.pt")):
+            raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed engine state: {path / 'engine'} is missing "
+                                    f"or empty")
+        return path, state
+
+    def _load_resume(self, path: Path, state: dict) -> str | None:
+        """Engine (weights, optimizer, scheduler), step, data position and RNG; returns the wandb run id."""
         if state.get("world_size") != self.world:
             print(f"[rgpo] resuming {path} written by {state.get('world_size')} ranks on {self.world}", flush=True)
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="engine", load_module_strict=False)
-        if load_path is None:
-            raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed engine state (engine/ is missing or empty)")
+        self.engine.load_checkpoint(str(path), tag="engine", load_module_strict=False)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.sampler.load_state_dict(state["sampler"])
