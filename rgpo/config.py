@@ -145,7 +145,9 @@ class LossConfig:
     epsilon_high: float = 0.2
     """Upper clip range of the ratio (DAPO's clip-higher uses ~0.28)."""
     aggregation: str = "grpo"
-    """Loss aggregation: grpo (per-sequence mean, then mean; MindOmni), bnpo/dapo (token mean), dr_grpo."""
+    """Loss aggregation: grpo (per-sequence mean, then mean; MindOmni), bnpo/dapo (token mean), dr_grpo.
+    With several micro-batches, bnpo and dapo both divide by each micro-batch's token count (not DAPO's global
+    count); grpo is exact when micro-batches hold equal numbers of sequences."""
     advantage_scale: str = "group"
     """Advantage normalisation: group (unbiased group std; MindOmni), batch, none."""
     advantage_eps: float = 1e-4
