@@ -19,13 +19,23 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        if "MASTER_PORT" not in os.environ:  # a lone process: any free port, so it never collides with a job
+            os.environ["MASTER_PORT"] = str(free_port())
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         deepspeed.init_distributed(dist_backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def world_size() -> int:

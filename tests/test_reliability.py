@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from rgpo import checkpointing as ckpt
 from rgpo.config import ConfigError, load_config
 from rgpo.data import DataError
+from rgpo.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -517,7 +518,7 @@ def final_weights(out: Path, step: int = KILL_STEPS) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    proc = run_worker(out, 29711)
+    proc = run_worker(out, free_port())
     assert proc.returncode == 0, _tail(proc)
     assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-0000002", "step-0000004"]
     return final_weights(out)
@@ -547,23 +548,23 @@ def _restart_and_compare(out: Path, port: int, completed_before_kill: int, expec
 @pytest.mark.slow
 def test_sigkill_mid_step_then_restart_equals_uninterrupted(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    proc = run_worker(out, 29712, fault="kill_in_step:3")
+    proc = run_worker(out, free_port(), fault="kill_in_step:3")
     assert proc.returncode == -signal.SIGKILL, _tail(proc)
     assert "[fault] SIGKILL during step 3" in proc.stdout
-    _restart_and_compare(out, 29713, completed_before_kill=2, expected_complete=["step-0000002"],
+    _restart_and_compare(out, free_port(), completed_before_kill=2, expected_complete=["step-0000002"],
                          uninterrupted=uninterrupted)
 
 
 @pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_then_restart_equals_uninterrupted(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    proc = run_worker(out, 29714, fault=f"kill_in_checkpoint:{KILL_STEPS}")
+    proc = run_worker(out, free_port(), fault=f"kill_in_checkpoint:{KILL_STEPS}")
     assert proc.returncode == -signal.SIGKILL, _tail(proc)
     assert f"[fault] SIGKILL while writing the checkpoint of step {KILL_STEPS}" in proc.stdout
     half = ckpt.temporary_dir(out, KILL_STEPS)
     assert (half / "trainable.safetensors").is_file() and not (half / ckpt.STATE_FILE).exists()
     assert not ckpt.final_dir(out, KILL_STEPS).exists(), "a half-written checkpoint was published"
-    _restart_and_compare(out, 29715, completed_before_kill=KILL_STEPS, expected_complete=["step-0000002"],
+    _restart_and_compare(out, free_port(), completed_before_kill=KILL_STEPS, expected_complete=["step-0000002"],
                          uninterrupted=uninterrupted)
 
 
@@ -571,7 +572,7 @@ def test_sigkill_mid_checkpoint_write_then_restart_equals_uninterrupted(tmp_path
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_at_the_end_of_the_step_and_exits_zero(tmp_path, sig):
     out, flag, log_path = tmp_path / "run", tmp_path / "in_step", tmp_path / "log.txt"
-    port = 29716 if sig == signal.SIGTERM else 29717
+    port = free_port()
     with log_path.open("w") as log:
         proc = run_worker(out, port, fault=f"wait_signal_in_step:1:{flag}", popen=True, log=log)
         try:

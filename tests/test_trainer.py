@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rgpo.config import load_config
+from rgpo.distributed import free_port
 from rgpo.losses import group_advantages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_group_spanning_two_ranks_gets_single_rank_advantages():
     expected = group_advantages(torch.tensor([1.0, 0.5, 1.5, 0.0]), 4)
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_advantage_worker, args=(2, 29613, rewards, 4, out), nprocs=2, join=True)
+    mp.spawn(_advantage_worker, args=(2, free_port(), rewards, 4, out), nprocs=2, join=True)
     torch.testing.assert_close(torch.cat([out[0], out[1]]), expected)
 
 
@@ -155,9 +156,9 @@ def _launch(tmp_path, *overrides, launcher="deepspeed"):
     script = str(REPO / "tests" / "launch_train.py")
     args = [str(result), f"logging.output_dir={tmp_path / 'run'}", "logging.mode=disabled", SIGNAL, *overrides]
     if launcher == "deepspeed":
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", "29620", script, *args]
+        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29621", script, *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), script, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(result.read_text())
