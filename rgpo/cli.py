@@ -39,11 +39,7 @@ def _load_trained(checkpoint: str, device: str = "cpu"):
 
     path = Path(checkpoint)
     state = ckpt.read_state(path)
-    cfg_file = path / "config.yaml"
-    import yaml
-
-    cfg_file.write_text(yaml.safe_dump(state["config"])) if not cfg_file.exists() else None
-    cfg = load_config(cfg_file, ["model.gradient_checkpointing=false"])
+    cfg = load_config(None, ["model.gradient_checkpointing=false"], values=state["config"])
     model = apply_trainable(build_model(cfg), cfg)
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(weights) - {n for n, _ in model.named_parameters()}
@@ -61,6 +57,7 @@ def _sample(args: argparse.Namespace) -> int:
     from rgpo.data import load_prompts
     from rgpo.models.base import ImageSamplingConfig
     from rgpo.tracking import contact_sheet
+    from rgpo.trainer import draw_images
 
     model, cfg = _load_trained(args.checkpoint)
     rows = load_prompts(args.prompts)[: args.limit or None]
@@ -74,11 +71,7 @@ def _sample(args: argparse.Namespace) -> int:
         completions = model.generate(prompts, num_generations=1, max_new_tokens=cfg.rollout.max_new_tokens,
                                      temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
         fwd = model.forward_text(prompts, completions, with_condition=True)
-        cond = model.connect(fwd.condition, fwd.condition_mask)
-        neg, neg_mask = model.negative_condition(len(rows))
-        noise = model.initial_noise(len(rows), 1, icfg)
-        latents = model.sample_latents(cond, fwd.condition_mask, model.connect(neg, neg_mask), neg_mask, noise, icfg)
-        images = model.decode_latents(latents)
+        images = draw_images(model, fwd.condition, fwd.condition_mask, model.initial_noise(len(rows), 1, icfg), icfg)
     for i, (row, text, image) in enumerate(zip(rows, completions.texts, images)):
         image.save(out / f"{i:04d}.png")
         (out / f"{i:04d}.txt").write_text(f"{row.prompt}\n\n{text}\n")

@@ -487,13 +487,16 @@ def _nest(parts: list[str], value: Any) -> dict:
     return out
 
 
-def load_config(paths: str | Path | list | None = None, overrides: list[str] | None = None) -> RGPOConfig:
+def load_config(paths: str | Path | list | None = None, overrides: list[str] | None = None,
+                values: dict | None = None) -> RGPOConfig:
     """Load YAML files (later ones override earlier ones), then ``key.sub=value`` overrides.
+
+    ``values`` (e.g. a checkpoint's resolved config) is the starting point, under the files and overrides.
 
     A YAML file may name others to start from with a top-level ``base: [other.yaml, ...]`` (relative paths are
     resolved against the file). Relative ``deepspeed.config`` and ``data.*_file`` paths are resolved against the
     YAML file when they exist there."""
-    merged: dict = {}
+    merged: dict = dict(values or {})
     where: dict[str, str] = {}
     for path in [paths] if isinstance(paths, (str, Path)) else (paths or []):
         data, lines = _load_with_bases(Path(path))

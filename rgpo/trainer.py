@@ -83,6 +83,20 @@ def global_advantages(per_reward: torch.Tensor, weights: list[float], global_ind
     return local, ordered, totals
 
 
+# ================================================================================================ images
+def draw_images(model: UnifiedModel, condition: torch.Tensor, condition_mask: torch.Tensor, noise: torch.Tensor,
+                icfg: ImageSamplingConfig) -> list:
+    """One image per row: connector, guided Euler sampling from ``noise`` against the fixed negative prompt
+    (skipped at guidance 1), VAE decode."""
+    cond = model.connect(condition, condition_mask)
+    neg, neg_mask = None, None
+    if icfg.guidance_scale != 1.0:
+        neg_states, neg_mask = model.negative_condition(condition.shape[0])
+        neg = model.connect(neg_states, neg_mask)
+    latents = model.sample_latents(cond, condition_mask, neg, neg_mask, noise, icfg)
+    return model.decode_latents(latents)
+
+
 # ================================================================================================ model set-up
 def build_model(cfg: RGPOConfig) -> UnifiedModel:
     """The unified model named by ``cfg.model`` (``path: tiny`` builds a tiny random one in memory)."""
@@ -239,7 +253,7 @@ class RGPOTrainer:
         if self.reference is not None:
             yield self.reference
         else:
-            with self.model.vlm.disable_adapter():
+            with self.model.adapter_disabled():
                 yield self.model
 
     def gathered(self):
@@ -327,15 +341,8 @@ class RGPOTrainer:
     def _draw(self, condition, condition_mask, global_indices: list[int], groups: list[int]):
         """One image per chain. The initial noise depends only on the seed and (per-sample mode) on the chain's
         global index, so a group spread over ranks still shares it."""
-        model, icfg = self.model, self.image_cfg
         noise = self._initial_noise(global_indices, groups)
-        cond = model.connect(condition, condition_mask)
-        neg, neg_mask = (None, None)
-        if icfg.guidance_scale != 1.0:
-            neg_states, neg_mask = model.negative_condition(len(global_indices))
-            neg = model.connect(neg_states, neg_mask)
-        latents = model.sample_latents(cond, condition_mask, neg, neg_mask, noise, icfg)
-        return model.decode_latents(latents)
+        return draw_images(self.model, condition, condition_mask, noise, self.image_cfg)
 
     def _initial_noise(self, global_indices: list[int], groups: list[int]) -> torch.Tensor:
         icfg = self.image_cfg

@@ -13,6 +13,8 @@ Conventions shared by every method:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,6 +237,15 @@ class UnifiedModel(torch.nn.Module):
         raise NotImplementedError
 
     # -- what trains ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run as the reference: the VLM's peft adapter disabled (a no-op when ``vlm`` carries none)."""
+        if hasattr(self.vlm, "disable_adapter"):
+            with self.vlm.disable_adapter():
+                yield
+        else:
+            yield
+
     def language_model_lora_targets(self) -> list[str]:
         """Module names for the default LoRA (the VLM's language model and lm_head, never the vision tower)."""
         raise NotImplementedError

@@ -13,8 +13,7 @@ reference model.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,15 +110,6 @@ class MindOmni(UnifiedModel):
         """The ``Qwen2_5_VLForConditionalGeneration`` under any peft wrapper (LoRA layers stay injected)."""
         vlm = self.vlm
         return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
-
-    @contextlib.contextmanager
-    def adapter_disabled(self) -> Iterator[None]:
-        """The reference model: the VLM with its peft adapter disabled (a no-op without peft)."""
-        if hasattr(self.vlm, "disable_adapter"):
-            with self.vlm.disable_adapter():
-                yield
-        else:
-            yield
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Activation checkpointing (non-reentrant) for the VLM and the decoder's blocks."""
