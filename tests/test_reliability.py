@@ -15,6 +15,7 @@ import ast
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -376,6 +377,72 @@ def test_bad_checkpoint_is_reported_before_the_model_is_built(two_checkpoints, t
         expected, fragments = ValueError, ("'bagel'", "'mindomni'")
     with bad_input(expected, *fragments):
         RGPOTrainer(cfg_for(tmp_path / "other", f"checkpoint.resume={path}"))
+
+
+class _RunsShell:
+    """A pickle payload: unpickling it runs ``touch <marker>`` through ``os.system``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+class _Foreign:
+    """An arbitrary class: unpickling it (``__setstate__``) leaves a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __setstate__(self, state):
+        Path(state["marker"]).touch()
+        self.__dict__.update(state)
+
+
+@pytest.mark.parametrize("payload, target, names", [
+    ("os.system", "optim_states", "system"),
+    ("class", "model_states", "_Foreign"),
+])
+def test_engine_file_with_a_disallowed_global_is_refused_not_run(two_checkpoints, tmp_path, payload, target, names):
+    """DeepSpeed's own loader is ``torch.load(weights_only=False)``: rgpo's reads the engine files with
+    ``weights_only=True``, so a planted object is refused by name and its code never runs."""
+    from rgpo.trainer import RGPOTrainer
+
+    pristine, (_, newer) = two_checkpoints
+    out = _copy_run(pristine, tmp_path)
+    marker = tmp_path / "payload-ran"
+    planted = _RunsShell(marker) if payload == "os.system" else _Foreign(marker)
+    pickle.loads(pickle.dumps(planted))  # the payload is live: a plain unpickle runs it
+    assert marker.exists()
+    marker.unlink()
+    (victim,) = (ckpt.final_dir(out, newer) / "engine").glob(f"*{target}.pt")
+    torch.save({"optimizer_state_dict": planted, "module": {}}, victim)
+    with bad_input(ckpt.UnsafeCheckpointError, str(victim), names, "weights_only=True"):
+        RGPOTrainer(cfg_for(out))
+    assert not marker.exists(), "the planted code ran while the checkpoint was read"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsynced descriptors through Linux's /proc")
+def test_publish_fsyncs_files_and_folders_before_the_rename_and_the_parent_after(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    tmp = ckpt.temporary_dir(out, 3)
+    (tmp / "engine").mkdir(parents=True)
+    (tmp / "engine" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (tmp / "trainable.safetensors").write_bytes(b"x")
+    ckpt.write_state(tmp, {"step": 3})
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    final = ckpt.publish(tmp, 3, out, keep_last=2)
+    rename = events.index(("rename", str(final)))
+    before = {path for kind, path in events[:rename] if kind == "fsync"}
+    expected = {os.path.realpath(p) for p in [tmp, *tmp.rglob("*")]}
+    assert expected <= before, f"not fsynced before the rename: {sorted(expected - before)}"
+    after = ("fsync", os.path.realpath(final.parent))
+    assert after in events[rename:], "the parent folder was not fsynced after the rename"
 
 
 # ============================================================================================ 2. a full disk
