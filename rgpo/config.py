@@ -59,6 +59,11 @@ class TrainableConfig:
     """Also train the connector (MindOmni freezes it; gradients flow through it either way)."""
     decoder_lora_r: int = 0
     """Rank of a LoRA on the decoder's attention projections; 0 = decoder frozen (MindOmni)."""
+    decoder_lora_alpha: int | None = None
+    """LoRA scaling numerator of the decoder LoRA; None: 2 * decoder_lora_r."""
+    decoder_lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names (suffixes) of the decoder that get the LoRA: the attention projections by default; add
+    ``gate_up_proj`` / ``down_proj`` for the MLPs."""
 
 
 @dataclass
@@ -89,7 +94,23 @@ class ImageConfig:
     seed: int = 42
     """Seed of the initial noise. MindOmni uses 42 for every rollout of every step."""
     shared_noise: bool = True
-    """One initial noise per group (MindOmni): reward differences inside a group come only from the text."""
+    """One initial noise per group (MindOmni): reward differences inside a group come only from the text.
+    With ``images_per_chain`` M > 1, image m of every chain of a group shares its initial noise (and its SDE
+    noise): the chains of a group are compared on the same M noises."""
+    images_per_chain: int = 1
+    """M, images drawn per reasoning chain (N chains x M images per prompt). A chain's reward (text advantage)
+    is the mean over its M images; with M >= 2 each image also gets an advantage within its chain's M images
+    (image policy gradient, ``loss.image_pg_coef``). 1: one image per chain (MindOmni)."""
+    noise_level: float = 0.0
+    """Flow-GRPO's SDE noise level ``a`` (they use 0.7): > 0 draws the rollout images with the SDE sampler and
+    records each stochastic step's log-prob (needed by the image policy gradient and gaussian_kl); 0: the
+    deterministic Euler sampler (MindOmni). Evaluation images always use the Euler sampler."""
+    sde_window: int | None = None
+    """Number of consecutive stochastic (SDE) steps per rollout (Flow-GRPO-Fast); the other steps are Euler
+    steps. The window start is drawn per optimizer step (the same on every rank). None: every step."""
+    sde_window_range: tuple[int, int] | None = None
+    """Half-open range of step indices the SDE window must lie in (Flow-GRPO-Fast's sde_window_range, e.g.
+    [0, 25] for the noisier half of 50 steps); None: all steps."""
 
 
 @dataclass
@@ -157,7 +178,21 @@ class LossConfig:
     value never reaches the trainer, so 0.01, the trainer's default, is what produced the published model;
     rgpo defaults to what ran."""
     image_regularizer: str = "feature_kl"
-    """Image-side regulariser: feature_kl (MindOmni's layer-wise decoder-feature KL), velocity_mse, or none."""
+    """Image-side regulariser, weighted by image_kl_coef: feature_kl (MindOmni's layer-wise decoder-feature KL),
+    velocity_mse, gaussian_kl (closed-form KL between the policy's and the reference's SDE step Gaussians on the
+    recorded stochastic steps, Flow-GRPO's KL; needs rollout.image.noise_level > 0), or none."""
+    image_pg_coef: float = 0.0
+    """Coefficient of the image policy-gradient loss (PPO-clipped ratio of the recorded SDE steps' log-probs,
+    advantages within each chain's M images); 0: off (MindOmni's RGPO). Needs rollout.image.noise_level > 0,
+    rollout.image.images_per_chain >= 2 and a trainable image side (trainable.decoder_lora_r or
+    trainable.train_connector)."""
+    image_clip_range: float = 1.0e-4
+    """Clip range of the image ratio: clip(r, 1 - image_clip_range, 1 + image_clip_range). Flow-GRPO uses 1e-4
+    with its mean-over-latent-elements log-probs, which rgpo's SDE log-probs reproduce."""
+    image_condition_grad: bool = False
+    """Let the image policy-gradient loss (and gaussian_kl) reach the VLM through the condition states. False
+    (Flow-GRPO, default): the condition is detached, the image loss trains only the decoder LoRA / connector and
+    the VLM learns from the text loss alone."""
     image_kl_tau: float = 3.0
     """Softmax temperature of feature_kl (MindOmni: 3)."""
     image_kl_timesteps: int = 1
@@ -289,6 +324,7 @@ class RGPOConfig:
                          "a positive multiple of 16: the VAE downsamples by 8 and the decoder patches by 2")
             _require(r.image.steps >= 1, "rollout.image.steps", r.image.steps, ">= 1")
         _require(self.loss.image_kl_timesteps >= 1, "loss.image_kl_timesteps", self.loss.image_kl_timesteps, ">= 1")
+        _validate_image_policy(self)
         _require(r.temperature > 0, "rollout.temperature", r.temperature, "> 0 (sampling needs a temperature)")
         _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
         _require(o.max_steps >= 1, "optim.max_steps", o.max_steps, ">= 1")
@@ -310,7 +346,7 @@ _CHOICES = {
     "loss.kl_estimator": ("k1", "k2", "k3"),
     "loss.aggregation": ("grpo", "bnpo", "dapo", "dr_grpo"),
     "loss.advantage_scale": ("group", "batch", "none"),
-    "loss.image_regularizer": ("feature_kl", "velocity_mse", "none"),
+    "loss.image_regularizer": ("feature_kl", "velocity_mse", "gaussian_kl", "none"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "logging.mode": (None, "online", "offline", "disabled"),
 }
@@ -321,6 +357,48 @@ def _check_choices(cfg: RGPOConfig) -> None:
         value = get_key(cfg, key)
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {[v for v in valid if v is not None]}")
+
+
+def _validate_image_policy(cfg: RGPOConfig) -> None:
+    """N chains x M images, SDE sampling, the image policy gradient and gaussian_kl (see README, "Image-side
+    policy gradient")."""
+    img, lc, t = cfg.rollout.image, cfg.loss, cfg.trainable
+    _require(img.images_per_chain >= 1, "rollout.image.images_per_chain", img.images_per_chain, ">= 1")
+    _require(img.noise_level >= 0, "rollout.image.noise_level", img.noise_level, ">= 0 (0: deterministic Euler)")
+    _require(lc.image_pg_coef >= 0, "loss.image_pg_coef", lc.image_pg_coef, ">= 0 (0: image policy gradient off)")
+    _require(lc.image_clip_range > 0, "loss.image_clip_range", lc.image_clip_range, "> 0")
+    _require(t.decoder_lora_r >= 0, "trainable.decoder_lora_r", t.decoder_lora_r, ">= 0 (0: decoder frozen)")
+    if t.decoder_lora_r > 0:
+        _require(bool(t.decoder_lora_targets), "trainable.decoder_lora_targets", t.decoder_lora_targets,
+                 "at least one decoder module name when trainable.decoder_lora_r > 0")
+    if not img.enabled:
+        _require(img.images_per_chain == 1, "rollout.image.images_per_chain", img.images_per_chain,
+                 "1 when rollout.image.enabled is false (no images are drawn)")
+        _require(lc.image_pg_coef == 0, "loss.image_pg_coef", lc.image_pg_coef,
+                 "0 when rollout.image.enabled is false (no images are drawn)")
+    if img.enabled and img.sde_window is not None:
+        _require(1 <= img.sde_window <= img.steps, "rollout.image.sde_window", img.sde_window,
+                 f"in 1..rollout.image.steps={img.steps} (or None: every step stochastic)")
+    if img.enabled and img.sde_window_range is not None:
+        lo, hi = img.sde_window_range
+        window = img.sde_window or 1
+        _require(lo >= 0 and hi <= img.steps and hi - lo >= window, "rollout.image.sde_window_range",
+                 img.sde_window_range, f"a range [lo, hi) of step indices inside [0, {img.steps}] holding the "
+                 f"rollout.image.sde_window={img.sde_window} steps")
+    if lc.image_pg_coef > 0:
+        _require(img.noise_level > 0, "rollout.image.noise_level", img.noise_level,
+                 f"> 0 when loss.image_pg_coef={lc.image_pg_coef}: the image policy gradient needs stochastic (SDE) "
+                 "steps with log-probs; Flow-GRPO uses 0.7")
+        _require(img.images_per_chain >= 2, "rollout.image.images_per_chain", img.images_per_chain,
+                 f">= 2 when loss.image_pg_coef={lc.image_pg_coef}: image advantages are normalised within each "
+                 "chain's M images, and one image has nothing to compare with")
+        _require(t.decoder_lora_r > 0 or t.train_connector, "trainable.decoder_lora_r / trainable.train_connector",
+                 (t.decoder_lora_r, t.train_connector),
+                 f"a trainable image side when loss.image_pg_coef={lc.image_pg_coef}: set trainable.decoder_lora_r > 0 "
+                 "(LoRA on the decoder's attention) and/or trainable.train_connector=true")
+    if lc.image_regularizer == "gaussian_kl" and lc.image_kl_coef > 0 and img.enabled:
+        _require(img.noise_level > 0, "rollout.image.noise_level", img.noise_level,
+                 "> 0 when loss.image_regularizer=gaussian_kl: its KL is taken on the recorded SDE steps")
 
 
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -528,12 +606,17 @@ def _load_with_bases(path: Path) -> tuple[dict, dict[str, str]]:
 
 # Path-valued keys: a relative value that exists next to the YAML file (and not in the working directory) is
 # taken from there, so `rgpo train --config configs/x.yaml` works from any directory.
-_PATH_KEYS = (("deepspeed", "config"), ("data", "train_file"), ("data", "eval_file"))
+# The same holds for a reward's ``pretrained`` weights file.
+_PATH_KEYS = (("deepspeed", "config"), ("data", "train_file"), ("data", "eval_file"), ("model", "path"))
 
 
 def _resolve_relative_paths(data: dict, folder: Path) -> None:
-    for section, key in _PATH_KEYS:
-        block = data.get(section)
+    blocks = [(data.get(section), key) for section, key in _PATH_KEYS]
+    functions = (data.get("rewards") or {}).get("functions") if isinstance(data.get("rewards"), dict) else None
+    for spec in functions if isinstance(functions, list) else []:
+        if isinstance(spec, dict):
+            blocks.append((spec.get("kwargs"), "pretrained"))
+    for block, key in blocks:
         if isinstance(block, dict) and isinstance(block.get(key), str) and block[key]:
             value = Path(block[key])
             if not value.is_absolute() and not value.exists() and (folder / value).exists():

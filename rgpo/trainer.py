@@ -32,9 +32,10 @@ from rgpo import distributed as dist_utils
 from rgpo.config import RGPOConfig, save_config, to_dict
 from rgpo.data import PromptRow, PromptSampler, check_columns, load_prompts
 from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
+from rgpo.image_policy import ImagePolicy, image_policy_active
 from rgpo.losses import feature_kl, group_advantages, policy_loss, velocity_mse
 from rgpo.models.base import Completions, ImageSamplingConfig, PromptBatch, UnifiedModel
-from rgpo.tracking import NullLogger, PhaseTimer, WandbLogger
+from rgpo.tracking import MetricsHistory, NullLogger, PhaseTimer, WandbLogger
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 IMAGE_KL_GRID = 51  # MindOmni draws the image-KL timestep uniformly from linspace(0, 1, 51)
@@ -55,8 +56,9 @@ class Rollout:
     ref_logps: torch.Tensor | None  # (n, T)
     ref_condition: torch.Tensor | None  # (n, L, H) reference condition states (image KL)
     ref_condition_mask: torch.Tensor | None
-    images: list  # PIL images or None (text-only)
+    images: list  # PIL images or None (text-only); with M images per chain, each chain's first
     global_indices: list[int]
+    image_rollout: Any = None  # rgpo.image_policy.ImageRollout: N x M images, SDE trajectories, image advantages
 
 
 # ================================================================================================ advantages
@@ -132,8 +134,9 @@ def apply_trainable(model: UnifiedModel, cfg: RGPOConfig) -> UnifiedModel:
     if t.decoder_lora_r > 0:
         from peft import LoraConfig, inject_adapter_in_model
 
-        dec_lora = LoraConfig(r=t.decoder_lora_r, lora_alpha=2 * t.decoder_lora_r, lora_dropout=0.0,
-                              target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        alpha = t.decoder_lora_alpha if t.decoder_lora_alpha is not None else 2 * t.decoder_lora_r
+        dec_lora = LoraConfig(r=t.decoder_lora_r, lora_alpha=alpha, lora_dropout=0.0,
+                              target_modules=list(t.decoder_lora_targets))
         model.decoder = inject_adapter_in_model(dec_lora, model.decoder)
     if cfg.model.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
         model.set_gradient_checkpointing(True)
@@ -202,12 +205,14 @@ class RGPOTrainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        ckpt.use_weights_only_loading(self.engine)  # resume reads engine files with weights_only=True
         self.model: UnifiedModel = self.engine.module
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.image_cfg = ImageSamplingConfig(**{k: getattr(cfg.rollout.image, k) for k in (
             "height", "width", "steps", "guidance_scale", "seed", "shared_noise")})
+        self.image_policy = ImagePolicy(self) if image_policy_active(cfg) else None  # N x M images, image PG
         self._stop_requested = False
         run_id = self._load_resume(resume_from, resume_state) if resume_from is not None else None
         self.logger = logger or self._make_logger(run_id)
@@ -235,16 +240,19 @@ class RGPOTrainer:
         if self.zero3:
             ref_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
             engine, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+            ckpt.use_weights_only_loading(engine)
             return engine.module
         return ref.to(self.device)
 
     def _make_logger(self, run_id: str | None):
         lc = self.cfg.logging
         mode = lc.mode or os.environ.get("WANDB_MODE")
-        if self.rank != 0 or mode == "disabled":
+        if self.rank != 0:
             return NullLogger()
-        return WandbLogger(project=lc.project, name=lc.run_name or self.out.name, tags=lc.tags, mode=mode,
-                           config=to_dict(self.cfg), output_dir=str(self.out), run_id=run_id)
+        inner = NullLogger() if mode == "disabled" else WandbLogger(
+            project=lc.project, name=lc.run_name or self.out.name, tags=lc.tags, mode=mode,
+            config=to_dict(self.cfg), output_dir=str(self.out), run_id=run_id)
+        return MetricsHistory(inner, self.out / "metrics.jsonl")
 
     # ------------------------------------------------------------------------------------------- contexts
     @contextmanager
@@ -256,13 +264,25 @@ class RGPOTrainer:
             with self.model.adapter_disabled():
                 yield self.model
 
+    @contextmanager
     def gathered(self):
-        """ZeRO-3: gather the full parameters once for a whole rollout phase (not per token / per step)."""
+        """ZeRO-3: gather the full parameters once for a whole rollout phase (not per token / per step), and
+        take ZeRO-3's per-module fetch/release hooks off the model meanwhile (as TRL does for generation): with
+        every parameter present they only cost time, at every module call of every decoding step."""
         if not self.zero3:
-            return nullcontext()
+            yield
+            return
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            offload = _zero3_offload(self.engine)
+            if offload is not None:
+                _remove_zero3_hooks(offload)
+            try:
+                yield
+            finally:
+                if offload is not None:
+                    _restore_zero3_hooks(offload)
 
     # ------------------------------------------------------------------------------------------- the step
     def train_step(self) -> dict[str, float]:
@@ -311,14 +331,17 @@ class RGPOTrainer:
                     with self.reference_context() as ref_model:
                         ref = ref_model.forward_text(prompts, completions, with_condition=need_ref_condition)
                     ref_logps, ref_cond, ref_mask = ref.logps, ref.condition, ref.condition_mask
-            images = [None] * len(rows)
+            images, image_rollout = [None] * len(rows), None
             if cfg.rollout.image.enabled:
                 with timer("rollout/images"):
-                    images = self._draw(policy.condition, policy.condition_mask, [s.global_index for s in slots],
-                                        [s.group for s in slots])
+                    if self.image_policy is not None:  # N chains x M images / SDE sampling (rgpo.image_policy)
+                        images, image_rollout = self.image_policy.draw(policy.condition, policy.condition_mask, slots)
+                    else:
+                        images = self._draw(policy.condition, policy.condition_mask,
+                                            [s.global_index for s in slots], [s.group for s in slots])
         return Rollout(rows, prompts, completions, policy.logps if policy is not None else None,
                        ref_logps if cfg.loss.beta > 0 else None,
-                       ref_cond, ref_mask, images, [s.global_index for s in slots])
+                       ref_cond, ref_mask, images, [s.global_index for s in slots], image_rollout)
 
     def _sample_chains(self, rows: list[PromptRow], groups: list[int]) -> tuple[PromptBatch, Completions]:
         """Sample one chain per slot. When every group on this rank is whole (the usual layout), each prompt
@@ -361,6 +384,8 @@ class RGPOTrainer:
         return next(self.model.decoder.parameters()).dtype
 
     def score(self, rollout: Rollout) -> torch.Tensor:
+        if rollout.image_rollout is not None:  # every image scored; a chain's reward is its images' mean
+            return self.image_policy.score(rollout)
         columns: dict[str, list] = {}
         for key in set().union(*(row.columns for row in rollout.rows)):
             columns[key] = [row.columns.get(key) for row in rollout.rows]
@@ -400,8 +425,10 @@ class RGPOTrainer:
         cfg, lc = self.cfg, self.cfg.loss
         prompts, completions = rollout.prompts.select(idx), rollout.completions.select(idx)
         index = torch.tensor(idx, device=self.device)
-        image_term = cfg.rollout.image.enabled and lc.image_regularizer != "none" and lc.image_kl_coef > 0
-        out = self.engine("forward_text", prompts, completions, with_condition=image_term)
+        image_term = cfg.rollout.image.enabled and lc.image_regularizer not in ("none", "gaussian_kl") \
+            and lc.image_kl_coef > 0  # gaussian_kl: rgpo.image_policy, on the recorded SDE steps
+        need_condition = image_term or (self.image_policy is not None and self.image_policy.needs_condition)
+        out = self.engine("forward_text", prompts, completions, with_condition=need_condition)
         ref_logps = rollout.ref_logps[index] if rollout.ref_logps is not None else None
         # One update per batch: old = current (detached), so the ratio is exactly 1 (MindOmni, GRPO).
         old = out.logps.detach() if lc.num_iterations == 1 else rollout.old_logps[index]
@@ -415,6 +442,10 @@ class RGPOTrainer:
             image_reg = self.image_regularizer(out.condition, out.condition_mask, ref_cond, ref_mask, idx)
             loss = loss + lc.image_kl_coef * image_reg
             metrics["kl/image"] = image_reg.detach()
+        if self.image_policy is not None:  # image policy gradient and/or gaussian_kl (rgpo.image_policy)
+            image_loss, image_metrics = self.image_policy.loss(rollout, idx, out)
+            loss = loss + image_loss
+            metrics.update(image_metrics)
         metrics["loss/total"] = loss.detach()
         return loss, metrics
 
@@ -477,6 +508,8 @@ class RGPOTrainer:
         local["completion/max_length"] = lengths.max().item()
         metrics.update(dist_utils.mean_across_ranks(local, self.device))
         metrics["skipped_steps"] = float(self.skipped_steps)
+        if rollout.image_rollout is not None:  # within-chain image rewards (already gathered over ranks)
+            metrics.update(rollout.image_rollout.metrics)
         return metrics
 
     def _log_table(self, rollout: Rollout, per_reward: torch.Tensor, advantages: torch.Tensor) -> None:
@@ -634,6 +667,32 @@ class RGPOTrainer:
 
 
 # ================================================================================================ small helpers
+def _zero3_offload(engine):
+    """The ZeRO-3 parameter-offload object that owns the model's fetch/release hooks (None: no optimizer yet)."""
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is None:
+        return None
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    return offload if hasattr(offload, "forward_hooks") and hasattr(offload, "module") else None
+
+
+def _remove_zero3_hooks(offload) -> None:
+    for module in offload.module.modules():
+        for param in module.parameters(recurse=False):
+            if hasattr(param, "ds_active_sub_modules"):
+                param.ds_active_sub_modules.clear()
+    for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+
+
+def _restore_zero3_hooks(offload) -> None:
+    coordinator = getattr(offload, "param_coordinator", None)
+    if coordinator is not None and not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()  # the module order recorded so far no longer holds
+    offload._register_deepspeed_module(offload.module)
+
+
 def _mix(*numbers: int) -> int:
     """A deterministic 63-bit seed from several integers (step, rank, ...)."""
     value = 0x9E3779B97F4A7C15

@@ -8,17 +8,27 @@ markdown report and a JSON file under ``--out``:
 1. **rgpo, full step** (reason then draw): rollout text, rollout forward (policy + reference), the reference
    pass on its own, rollout images, rewards, advantages, update (and the reference decoder run inside the
    update's image KL).
-2. **Scaling** of the step with G, decoder steps, image size and completion length.
+2. **Scaling** of the step with G, decoder steps, image size and completion length: one process per varied
+   quantity, a trainer per value (the baseline included), their steps taken round-robin so the values are compared
+   under the same machine load.
 3. **rgpo vs TRL**: a text-only rgpo step (``rollout.image.enabled=false``, format reward only) against
    ``trl.GRPOTrainer`` on the SAME tiny Qwen2.5-VL (same weights, saved to a temporary folder so TRL loads it
    by path), same prompts and chat template, G, prompts per step, micro-batch, completion length, beta, loss
    aggregation (``grpo``), LoRA (r / alpha / dropout / target modules), ``num_iterations=1``, temperature 1.
+   Alternating separate processes (clean memory figures), then one process where every TRL step is followed by
+   an rgpo step (the step-time ratio that a change of machine load cannot skew).
 4. **Trainer overhead**: the rgpo step minus the same work done by bare model calls (``generate``, the no-grad
    policy/reference forwards, ``sample_latents`` + ``decode_latents``, and forward/backward/AdamW of the update)
-   on a plain (non-DeepSpeed) copy of the same model.
+   on a plain (non-DeepSpeed) copy of the same model, one bare iteration right after each trainer step; for the
+   full step and for the text-only step.
+5. **Optimisations, each on vs off**: prompt prefill shared by the G chains, the trimmed decoding loop, log-probs
+   and condition from one chunked forward, the decoder's condition KV cache, batched guidance, batched policy /
+   reference image-KL runs, K sampled image-KL timesteps vs all, ZeRO-3 gather once per rollout phase; alternating
+   on/off in one process, each naive path checked to compute the same result.
 
-Every measured configuration runs in its own subprocess, one after the other (never in parallel), so memory
-numbers start from a clean process and one run's allocator state does not leak into the next one.
+Every measured configuration runs in a subprocess of its own (several side by side only where said above), one
+after the other (never in parallel), so memory numbers start from a clean process and one run's allocator state
+does not leak into the next one.
 
 Equal work: end-of-sequence tokens are BANNED in both trainers (rgpo: added to the model's
 ``banned_token_ids``; TRL: ``generation_kwargs={"suppress_tokens": ...}``, which also bans the vision
@@ -257,63 +267,112 @@ def _rgpo_config(spec: dict[str, Any], run_dir: str):
     return load_config(spec["config"], overrides)
 
 
-def run_rgpo(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build an RGPOTrainer and time ``warmup + steps`` calls of ``train_step()``."""
+def _measure_step(trainer, timer_cls, warmup: bool, base_rss: int) -> dict[str, Any]:
+    """One timed ``train_step()`` with its phases, memory and work done."""
     import torch
 
+    gc.collect()
+    MEM.reset()
+    start_mem = MEM.current()
+    t = time.perf_counter()
+    metrics = trainer.train_step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    step_s = time.perf_counter() - t
+    peak = MEM.peak()
+    timer = timer_cls.current
+    peak = max([peak, *timer.peaks.values()])
+    rollout = trainer._last_rollout
+    return {
+        "warmup": warmup,
+        "step_s": step_s,
+        "phases_s": dict(timer.seconds),
+        "phase_peak_mib": {k: mib(v - start_mem) for k, v in timer.peaks.items()},
+        "peak_mib": mib(peak),
+        "transient_mib": mib(peak - start_mem),
+        "footprint_mib": mib(peak - base_rss),
+        "tokens": int(rollout.completions.completion_mask.sum()),
+        "chains": len(rollout.rows),
+        "images": sum(im is not None for im in rollout.images),
+        "completion_len": float(metrics.get("completion/mean_length", float("nan"))),
+        "reported_chains_per_s": float(metrics.get("throughput/chains_per_s", float("nan"))),
+    }
+
+
+def run_sweep(spec: dict[str, Any]) -> dict[str, Any]:
+    """One scaling axis: a trainer per point (the baseline included), built side by side in this process, then
+    their measured steps taken round-robin (point 1, point 2, ..., point 1, ...), so that a change of machine load
+    hits every point alike and the ratios between points are meaningful."""
     timer_cls = _install_phase_timer()
     from rgpo.trainer import RGPOTrainer
 
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rgpo-bench-") as tmp:
+        trainers = []
+        for j, point in enumerate(spec["points"]):
+            cfg = _rgpo_config({**spec, "overrides": point["overrides"]}, str(Path(tmp) / f"run{j}"))
+            trainer = RGPOTrainer(cfg)
+            if spec.get("ban_eos", True):
+                _ban_eos(trainer.model)
+            _charge_reference(trainer, timer_cls)
+            trainers.append(trainer)
+        gc.collect()
+        base_rss = MEM.current()
+        steps: list[list[dict[str, Any]]] = [[] for _ in trainers]
+        for trainer, record in zip(trainers, steps):
+            for _ in range(spec["warmup"]):
+                record.append(_measure_step(trainer, timer_cls, True, base_rss))
+        for _ in range(spec["steps"]):
+            for trainer, record in zip(trainers, steps):
+                record.append(_measure_step(trainer, timer_cls, False, base_rss))
+        for point, trainer, record in zip(spec["points"], trainers, steps):
+            result = _summarise(record)
+            result.update({"label": point["label"], "kind": "rgpo", "overrides": point["overrides"]})
+            results.append(result)
+            trainer.close()
+    return {"label": spec["label"], "kind": "sweep", "points": results}
+
+
+def _build_rgpo(spec: dict[str, Any], cfg, timer_cls):
+    """The RGPOTrainer of a case: EOS banned (equal work), reference uses timed as their own phase."""
+    from rgpo.trainer import RGPOTrainer, build_model
+
+    model = None
+    if spec.get("lora_without_lm_head"):
+        # TRL refuses a LoRA on lm_head (it reads lm_head.weight directly), so for the side-by-side run
+        # rgpo's LoRA gets the same targets as TRL's: every language-model Linear except lm_head.
+        model = build_model(cfg)
+        targets = [t for t in model.language_model_lora_targets() if t != "lm_head"]
+        model.language_model_lora_targets = lambda: targets
+    trainer = RGPOTrainer(cfg, model=model)
+    if spec.get("ban_eos", True):
+        _ban_eos(trainer.model)
+    _charge_reference(trainer, timer_cls)
+    return trainer
+
+
+def run_rgpo(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build an RGPOTrainer and time ``warmup + steps`` calls of ``train_step()``."""
+
+    timer_cls = _install_phase_timer()
+
     with tempfile.TemporaryDirectory(prefix="rgpo-bench-") as tmp:
         cfg = _rgpo_config(spec, str(Path(tmp) / "run"))
+        # The bare pieces run right after each trainer step (same process, same machine load), on their own
+        # plain copy of the model, built before the "process before the trainer" memory baseline.
+        bare = BarePieces(spec, cfg) if spec.get("bare") else None
         gc.collect()
         base_rss = MEM.current()
         t0 = time.perf_counter()
-        model = None
-        if spec.get("lora_without_lm_head"):
-            # TRL refuses a LoRA on lm_head (it reads lm_head.weight directly), so for the side-by-side run
-            # rgpo's LoRA gets the same targets as TRL's: every language-model Linear except lm_head.
-            from rgpo.trainer import build_model
-
-            model = build_model(cfg)
-            targets = [t for t in model.language_model_lora_targets() if t != "lm_head"]
-            model.language_model_lora_targets = lambda: targets
-        trainer = RGPOTrainer(cfg, model=model)
+        trainer = _build_rgpo(spec, cfg, timer_cls)
         build_s = time.perf_counter() - t0
-        if spec.get("ban_eos", True):
-            _ban_eos(trainer.model)
-        _charge_reference(trainer, timer_cls)
         built_rss = MEM.current()
         trainable_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         steps = []
         for i in range(spec["warmup"] + spec["steps"]):
-            gc.collect()
-            MEM.reset()
-            start_mem = MEM.current()
-            t = time.perf_counter()
-            metrics = trainer.train_step()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            step_s = time.perf_counter() - t
-            peak = MEM.peak()
-            timer = timer_cls.current
-            peak = max([peak, *timer.peaks.values()])
-            rollout = trainer._last_rollout
-            tokens = int(rollout.completions.completion_mask.sum())
-            steps.append({
-                "warmup": i < spec["warmup"],
-                "step_s": step_s,
-                "phases_s": dict(timer.seconds),
-                "phase_peak_mib": {k: mib(v - start_mem) for k, v in timer.peaks.items()},
-                "peak_mib": mib(peak),
-                "transient_mib": mib(peak - start_mem),
-                "footprint_mib": mib(peak - base_rss),
-                "tokens": tokens,
-                "chains": len(rollout.rows),
-                "images": sum(im is not None for im in rollout.images),
-                "completion_len": float(metrics.get("completion/mean_length", float("nan"))),
-                "reported_chains_per_s": float(metrics.get("throughput/chains_per_s", float("nan"))),
-            })
+            steps.append(_measure_step(trainer, timer_cls, i < spec["warmup"], base_rss))
+            if bare is not None:
+                bare.iteration(i)
         result = _summarise(steps)
         result.update({
             "label": spec["label"],
@@ -340,8 +399,8 @@ def run_rgpo(spec: dict[str, Any]) -> dict[str, Any]:
         trainer.close()
         del trainer
         gc.collect()
-        if spec.get("bare"):
-            result["bare"] = run_bare(spec, cfg)
+        if bare is not None:
+            result["bare"] = bare.summary()
     return result
 
 
@@ -389,43 +448,59 @@ def _summarise(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ================================================================================================ bare pieces
-def run_bare(spec: dict[str, Any], cfg) -> dict[str, Any]:
-    """The same work as one rgpo step, as bare model calls on a plain (non-DeepSpeed) copy of the model."""
-    import torch
+class BarePieces:
+    """The same work as one rgpo step, as bare model calls on a plain (non-DeepSpeed) copy of the model:
+    ``generate``, the no-grad policy/reference ``forward_text``, ``sample_latents`` + ``decode_latents``, and
+    forward/backward/AdamW of the update. :meth:`iteration` runs one such step (called right after each trainer
+    step, so both see the same machine load)."""
 
-    from rgpo.data import load_prompts
-    from rgpo.losses import feature_kl, policy_loss, velocity_mse
-    from rgpo.models.base import ImageSamplingConfig
-    from rgpo.trainer import IMAGE_KL_GRID, apply_trainable, build_model, trim_left_padding
+    def __init__(self, spec: dict[str, Any], cfg):
+        import torch
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = apply_trainable(build_model(cfg), cfg).to(device)
-    if spec.get("ban_eos", True):
-        _ban_eos(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
-                            weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_eps)
-    rows = load_prompts(cfg.data.train_file)
-    G = cfg.rollout.num_generations
-    P = cfg.rollout.batch_size // G
-    mb = cfg.optim.micro_batch_size
-    lc = cfg.loss
-    images_on = cfg.rollout.image.enabled
-    image_term = images_on and lc.image_regularizer != "none" and lc.image_kl_coef > 0
-    icfg = ImageSamplingConfig(**{k: getattr(cfg.rollout.image, k) for k in (
-        "height", "width", "steps", "guidance_scale", "seed", "shared_noise")})
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        from rgpo.data import load_prompts
+        from rgpo.models.base import ImageSamplingConfig
+        from rgpo.trainer import apply_trainable, build_model
 
-    @contextlib.contextmanager
-    def clock(record: dict[str, float], key: str):
-        sync()
-        t = time.perf_counter()
-        yield
-        sync()
-        record[key] = time.perf_counter() - t
+        self.spec, self.cfg = spec, cfg
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        model = build_model(cfg)
+        if spec.get("lora_without_lm_head"):
+            targets = [t for t in model.language_model_lora_targets() if t != "lm_head"]
+            model.language_model_lora_targets = lambda: targets
+        self.model = model = apply_trainable(model, cfg).to(self.device)
+        if spec.get("ban_eos", True):
+            _ban_eos(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
+                                     weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_eps)
+        self.rows = load_prompts(cfg.data.train_file)
+        self.icfg = ImageSamplingConfig(**{k: getattr(cfg.rollout.image, k) for k in (
+            "height", "width", "steps", "guidance_scale", "seed", "shared_noise")})
+        self.iters: list[dict[str, Any]] = []
 
-    def image_kl(out, ref_cond, ref_mask, gen_seed: int):
+    def _clock(self, record: dict[str, float], key: str):
+        import torch
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+        @contextlib.contextmanager
+        def clock():
+            sync()
+            t = time.perf_counter()
+            yield
+            sync()
+            record[key] = time.perf_counter() - t
+
+        return clock()
+
+    def image_kl(self, out, ref_cond, ref_mask, gen_seed: int):
         """The trainer's image regulariser: connector + one decoder evaluation, policy (grad) vs reference."""
+        import torch
+
+        from rgpo.losses import feature_kl, velocity_mse
+        from rgpo.trainer import IMAGE_KL_GRID
+
+        model, lc, icfg, device = self.model, self.cfg.loss, self.icfg, self.device
         K = lc.image_kl_timesteps
         g = torch.Generator().manual_seed(gen_seed)
         rows_ = out.condition.shape[0] * K
@@ -442,27 +517,42 @@ def run_bare(spec: dict[str, Any], cfg) -> dict[str, Any]:
             return feature_kl(pol_out.features, ref_out.features, tau=lc.image_kl_tau).mean()
         return velocity_mse(pol_out.velocity, ref_out.velocity).mean()
 
-    iters = []
-    for it in range(spec["warmup"] + spec["steps"]):
-        chosen = [rows[(it * P + j) % len(rows)].as_model_row() for j in range(P)]
+    def iteration(self, it: int) -> None:
+        import torch
+
+        from rgpo.losses import policy_loss
+        from rgpo.trainer import trim_left_padding
+
+        model, cfg, device, icfg = self.model, self.cfg, self.device, self.icfg
+        G = cfg.rollout.num_generations
+        P = cfg.rollout.batch_size // G
+        mb = cfg.optim.micro_batch_size
+        lc = cfg.loss
+        images_on = cfg.rollout.image.enabled
+        image_term = images_on and lc.image_regularizer != "none" and lc.image_kl_coef > 0
+        # Only what the trainer computes: the policy's no-grad forward serves the images' condition or, for
+        # num_iterations > 1, the old log-probs; the reference's, beta > 0 or the image KL.
+        need_policy = images_on or lc.num_iterations > 1
+        need_ref = lc.beta > 0 or image_term
+        chosen = [self.rows[(it * P + j) % len(self.rows)].as_model_row() for j in range(P)]
         gen = torch.Generator().manual_seed(1000 + it)
         rec: dict[str, float] = {"images_s": 0.0}
         model.eval()
-        with clock(rec, "generate_s"), torch.no_grad():
+        with self._clock(rec, "generate_s"), torch.no_grad():
             prompts = model.build_prompts(chosen).to(device)
             comps = model.generate(prompts, num_generations=G, max_new_tokens=cfg.rollout.max_new_tokens,
                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                    top_k=cfg.rollout.top_k, generator=gen).to(device)
             prompts = prompts.repeat_interleave(G)
         n = comps.completion_ids.shape[0]
-        with clock(rec, "forward_nograd_s"), torch.no_grad():
-            pol = model.forward_text(prompts, comps, with_condition=images_on)
+        with self._clock(rec, "forward_nograd_s"), torch.no_grad():
+            pol = model.forward_text(prompts, comps, with_condition=images_on) if need_policy else None
             ref = None
-            if lc.beta > 0 or image_term:
+            if need_ref:
                 with model.adapter_disabled():
                     ref = model.forward_text(prompts, comps, with_condition=image_term)
         if images_on:
-            with clock(rec, "images_s"), torch.no_grad():
+            with self._clock(rec, "images_s"), torch.no_grad():
                 cond = model.connect(pol.condition, pol.condition_mask)
                 neg = neg_mask = None
                 if icfg.guidance_scale != 1.0:
@@ -472,30 +562,34 @@ def run_bare(spec: dict[str, Any], cfg) -> dict[str, Any]:
                 latents = model.sample_latents(cond, pol.condition_mask, neg, neg_mask, noise, icfg)
                 model.decode_latents(latents)
         advantages = torch.randn(n, device=device)
-        with clock(rec, "update_s"):
+        with self._clock(rec, "update_s"):
             model.train()
-            for start in range(0, n, mb):
-                idx = list(range(start, min(n, start + mb)))
-                index = torch.tensor(idx, device=device)
-                p, c = prompts.select(idx), comps.select(idx)
-                out = model.forward_text(p, c, with_condition=image_term)
-                loss, _ = policy_loss(out.logps, out.logps.detach(), ref.logps[index] if ref is not None else None,
-                                      advantages[index], c.completion_mask, epsilon_low=lc.epsilon_low,
-                                      epsilon_high=lc.epsilon_high, beta=lc.beta, kl_estimator=lc.kl_estimator,
-                                      aggregation=lc.aggregation)
-                if image_term:
-                    ref_cond, ref_mask = trim_left_padding(ref.condition[index], ref.condition_mask[index])
-                    loss = loss + lc.image_kl_coef * image_kl(out, ref_cond, ref_mask, it * 7919 + start)
-                (loss * len(idx) / n).backward()
-            if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            for _ in range(lc.num_iterations):
+                for start in range(0, n, mb):
+                    idx = list(range(start, min(n, start + mb)))
+                    index = torch.tensor(idx, device=device)
+                    p, c = prompts.select(idx), comps.select(idx)
+                    out = model.forward_text(p, c, with_condition=image_term)
+                    old = out.logps.detach() if lc.num_iterations == 1 else pol.logps[index]
+                    loss, _ = policy_loss(out.logps, old, ref.logps[index] if lc.beta > 0 else None,
+                                          advantages[index], c.completion_mask, epsilon_low=lc.epsilon_low,
+                                          epsilon_high=lc.epsilon_high, beta=lc.beta, kl_estimator=lc.kl_estimator,
+                                          aggregation=lc.aggregation)
+                    if image_term:
+                        ref_cond, ref_mask = trim_left_padding(ref.condition[index], ref.condition_mask[index])
+                        loss = loss + lc.image_kl_coef * self.image_kl(out, ref_cond, ref_mask, it * 7919 + start)
+                    (loss * len(idx) / n).backward()
+                if cfg.optim.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
         rec["total_s"] = rec["generate_s"] + rec["forward_nograd_s"] + rec["images_s"] + rec["update_s"]
-        iters.append({"warmup": it < spec["warmup"], **rec})
-    measured = [x for x in iters if not x["warmup"]] or iters
-    keys = ("generate_s", "forward_nograd_s", "images_s", "update_s", "total_s")
-    return {"median": {k: median([x[k] for x in measured]) for k in keys}, "iterations": iters}
+        self.iters.append({"warmup": it < self.spec["warmup"], **rec})
+
+    def summary(self) -> dict[str, Any]:
+        measured = [x for x in self.iters if not x["warmup"]] or self.iters
+        keys = ("generate_s", "forward_nograd_s", "images_s", "update_s", "total_s")
+        return {"median": {k: median([x[k] for x in measured]) for k in keys}, "iterations": self.iters}
 
 
 # ================================================================================================ TRL worker
@@ -605,10 +699,22 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         lengths: list[float] = []
         holder: dict[str, Any] = {}
 
+        # Interleaved mode: the text-only rgpo trainer lives in this process too and takes one step right after
+        # each TRL step (TRL's step timing and end-to-end cycle exclude it), so both see the same machine load.
+        rgpo_spec = spec.get("interleave")
+        if rgpo_spec:
+            rgpo_spec = {"config": spec["config"], "ban_eos": spec.get("ban_eos", True), **rgpo_spec}
+        rgpo_steps: list[dict[str, Any]] = []
+        rgpo_trainer = rgpo_timer = None
+        if rgpo_spec:
+            rgpo_timer = _install_phase_timer()
+            rgpo_trainer = _build_rgpo(rgpo_spec, _rgpo_config(rgpo_spec, str(Path(tmp) / "rgpo")), rgpo_timer)
+
         class StepClock(TrainerCallback):
             def __init__(self):
                 self.t_begin = self.t_end = None
                 self.start_mem = 0
+                self.extra_s = 0.0
 
             def on_step_begin(self, args, state, control, **kwargs):
                 t = time.perf_counter()
@@ -627,7 +733,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                 records.append({
                     "warmup": len(records) < spec["warmup"],
                     "step_s": now - self.t_begin,
-                    "cycle_s": now - self.t_end - self.gc_s if self.t_end is not None else float("nan"),
+                    "cycle_s": (now - self.t_end - self.gc_s - self.extra_s if self.t_end is not None
+                                else float("nan")),
                     "gc_s": self.gc_s,
                     "phases_s": dict(phases),
                     "peak_mib": mib(peak),
@@ -638,6 +745,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                 if length:
                     lengths.append(float(length[-1]))
                 self.t_end = now
+                self.extra_s = 0.0
+                if rgpo_trainer is not None:
+                    rgpo_steps.append(_measure_step(rgpo_trainer, rgpo_timer, records[-1]["warmup"], base_rss))
+                    self.extra_s = time.perf_counter() - now
 
         gc.collect()
         base_rss = MEM.current()
@@ -661,7 +772,14 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         phase_s["update"] = median([r["step_s"] - r["phases_s"].get("rollout", 0.0) for r in measured])
         tokens = batch * cfg.rollout.max_new_tokens
         text_s = phase_s.get("rollout/text", float("nan"))
+        interleaved = None
+        if rgpo_trainer is not None:
+            interleaved = _summarise(rgpo_steps)
+            pairs = [r["step_s"] / t["step_s"] for r, t in zip(rgpo_steps, records) if not t["warmup"]]
+            interleaved["pair_ratio_median"] = median(pairs)
+            rgpo_trainer.close()
         return {
+            "interleaved_rgpo": interleaved,
             "label": spec["label"],
             "kind": "trl",
             "build_s": build_s,
@@ -712,6 +830,367 @@ def save_tiny_vlm(cfg, path: Path) -> None:
     (path / "bench_meta.json").write_text(json.dumps(meta))
 
 
+# ================================================================================================ optimisations
+def _naive_generate(model, prompts, *, num_generations: int, max_new_tokens: int, generator):
+    """rgpo's decoding loop before it was trimmed (bench-only): every step through the whole VLM forward, which
+    rebuilds the attention mask from the 2-D padding mask, under ``no_grad`` instead of inference mode. Same
+    prefill, cache sharing and sampling as ``MindOmni.generate`` (temperature 1, no top-k / top-p)."""
+    import torch
+
+    from rgpo.models.mindomni import _sample
+
+    hf = model.hf_vlm()
+    rows = prompts.input_ids.shape[0] * num_generations
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    sample_gen = torch.Generator(device=model.device).manual_seed(seed)
+    eos = torch.tensor(model.eos_token_ids)
+    with torch.no_grad():
+        positions = model._position_ids(prompts.input_ids, prompts.attention_mask, prompts.vision)
+        out = hf(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=positions,
+                 use_cache=True, logits_to_keep=1, **prompts.vision)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(num_generations)
+        logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
+        next_pos = positions.amax(dim=(0, 2)).repeat_interleave(num_generations) + 1
+        mask = prompts.attention_mask.repeat_interleave(num_generations, 0)
+        done = torch.zeros(rows, dtype=torch.bool)
+        tokens = []
+        for step in range(max_new_tokens):
+            logits[:, model.banned_token_ids] = float("-inf")
+            token = _sample(logits, 1.0, 1.0, 0, sample_gen)
+            token = torch.where(done, torch.full_like(token, model.pad_token_id), token)
+            tokens.append(token)
+            done |= torch.isin(token, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = hf(input_ids=token[:, None], attention_mask=mask,
+                     position_ids=(next_pos + step).view(1, rows, 1).expand(3, -1, -1), past_key_values=cache,
+                     use_cache=True, logits_to_keep=1)
+            cache, logits = out.past_key_values, out.logits[:, -1].float()
+    return model._completions(torch.stack(tokens, dim=1))
+
+
+def _naive_forward_text(model, prompts, completions, with_condition: bool):
+    """Bench-only naive training forward: the full VLM forward's logits for EVERY position, a full-vocabulary
+    log-softmax, then a second backbone forward for the condition (the pre-norm states)."""
+    import torch
+
+    from rgpo.models.mindomni import pack_left
+
+    hf = model.hf_vlm()
+    p_len = prompts.input_ids.shape[1]
+    comp_ids = completions.completion_ids
+    ids = torch.cat([prompts.input_ids, comp_ids], dim=1)
+    mask = torch.cat([prompts.attention_mask, completions.completion_mask.to(prompts.attention_mask.dtype)], dim=1)
+    logits = hf(input_ids=ids, attention_mask=mask, position_ids=model._position_ids(ids, mask, prompts.vision),
+                use_cache=False, **prompts.vision).logits
+    logps = logits[:, p_len - 1 : -1].float().log_softmax(-1).gather(-1, comp_ids[..., None])[..., 0]
+    if not with_condition:
+        return logps, None, None
+    states = model._backbone(ids, mask, prompts.vision)
+    part = torch.arange(comp_ids.shape[1])[None] < completions.condition_lengths[:, None]
+    condition, cond_mask = pack_left(states, torch.cat([prompts.attention_mask.bool(), part], dim=1))
+    return logps, condition, cond_mask
+
+
+def _naive_guided_sampling(model, embeds, mask, neg, neg_mask, noise, icfg, cached: bool):
+    """Bench-only: guided Euler sampling with the condition and the negative prompt as TWO decoder forwards per
+    step (``cached``: each against its own condition KV cache; else the full uncached forward)."""
+    import torch
+
+    from rgpo.models.mindomni import euler_grid
+    from rgpo.models.omnigen import (
+        build_condition_cache,
+        decoder_forward,
+        decoder_forward_cached,
+        num_image_tokens,
+    )
+
+    dec = model.decoder
+    grid = euler_grid(icfg.steps)
+    x = noise.float()
+    with torch.no_grad():
+        if cached:
+            n_img = num_image_tokens(dec, *noise.shape[-2:])
+            caches = (build_condition_cache(dec, embeds, mask, n_img), build_condition_cache(dec, neg, neg_mask, n_img))
+        for i in range(icfg.steps):
+            t = grid[i].expand(x.shape[0])
+            if cached:
+                v_cond, v_neg = (decoder_forward_cached(dec, c, x, t).float() for c in caches)
+            else:
+                v_cond = decoder_forward(dec, embeds, mask, x, t)[0].float()
+                v_neg = decoder_forward(dec, neg, neg_mask, x, t)[0].float()
+            x = x + (grid[i + 1] - grid[i]) * (v_neg + icfg.guidance_scale * (v_cond - v_neg))
+    return x
+
+
+def _alternate(variants: dict[str, Any], rounds: int, sync) -> dict[str, dict[str, Any]]:
+    """Run each variant ``rounds`` times (after one warm-up round), alternating between them so that a change of
+    machine load hits every variant alike; median time and the largest peak-memory rise."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    peaks: dict[str, float] = {k: 0.0 for k in variants}
+    results: dict[str, Any] = {}
+    for r in range(rounds + 1):
+        for name, fn in variants.items():
+            gc.collect()
+            sync()
+            MEM.reset()
+            start = MEM.current()
+            t = time.perf_counter()
+            results[name] = fn()
+            sync()
+            dt = time.perf_counter() - t
+            if r:
+                times[name].append(dt)
+                peaks[name] = max(peaks[name], mib(MEM.peak() - start))
+    return {k: {"s": median(times[k]), "peak_rise_mib": peaks[k], "result": results[k]} for k in variants}
+
+
+def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
+    """Each optimisation the issue lists, measured on against off in one process, alternating; every naive
+    variant is checked to compute the same result as rgpo's."""
+    import torch
+
+    from rgpo.data import load_prompts
+    from rgpo.losses import feature_kl
+    from rgpo.models.base import ImageSamplingConfig
+    from rgpo.trainer import IMAGE_KL_GRID, apply_trainable, build_model
+
+    rounds = spec.get("rounds", 7)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    device = torch.device("cuda" if cuda else "cpu")
+    rows_out: list[dict[str, Any]] = []
+
+    def row(name, on_label, off_label, measured, check, in_rgpo="yes", note=""):
+        on, off = measured["on"], measured["off"]
+        rows_out.append({"optimisation": name, "on": on_label, "off": off_label, "on_s": on["s"], "off_s": off["s"],
+                         "on_over_off": on["s"] / off["s"] if off["s"] else float("nan"),
+                         "on_peak_rise_mib": on["peak_rise_mib"], "off_peak_rise_mib": off["peak_rise_mib"],
+                         "same_result": check, "in_rgpo": in_rgpo, "note": note})
+        print(f"[bench]   {name}: {on['s'] * 1e3:.1f} ms vs {off['s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="rgpo-bench-") as tmp:
+        cfg = _rgpo_config(spec, str(Path(tmp) / "run"))
+        model = apply_trainable(build_model(cfg), cfg).to(device).eval()
+        if spec.get("ban_eos", True):
+            _ban_eos(model)
+        G, T = cfg.rollout.num_generations, cfg.rollout.max_new_tokens
+        P = cfg.rollout.batch_size // G
+        rows = load_prompts(cfg.data.train_file)
+        prompts = model.build_prompts([rows[j % len(rows)].as_model_row() for j in range(P)]).to(device)
+        icfg = ImageSamplingConfig(**{k: getattr(cfg.rollout.image, k) for k in (
+            "height", "width", "steps", "guidance_scale", "seed", "shared_noise")})
+
+        def gen(seed=0):
+            return torch.Generator().manual_seed(seed)
+
+        # 1. prompt prefill: once per group, its KV cache repeated for the G chains, vs G prefills
+        for tokens, label in ((T, f"whole generate ({P} prompts x G={G}, {T} tokens)"),
+                              (1, "prefill + first token only")):
+            m = _alternate({
+                "on": lambda t=tokens: model.generate(prompts, num_generations=G, max_new_tokens=t, generator=gen()),
+                "off": lambda t=tokens: model.generate(prompts.repeat_interleave(G), num_generations=1,
+                                                       max_new_tokens=t, generator=gen()),
+            }, rounds, sync)
+            with torch.no_grad():  # the same first-token distribution from either prefill
+                hf = model.hf_vlm()
+                pos = model._position_ids(prompts.input_ids, prompts.attention_mask, {})
+                shared = hf(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=pos,
+                            logits_to_keep=1).logits[:, -1].repeat_interleave(G, 0)
+                rep = prompts.repeat_interleave(G)
+                each = hf(input_ids=rep.input_ids, attention_mask=rep.attention_mask,
+                          position_ids=model._position_ids(rep.input_ids, rep.attention_mask, {}),
+                          logits_to_keep=1).logits[:, -1]
+            torch.testing.assert_close(shared, each, atol=1e-5, rtol=1e-5)
+            same = torch.equal(m["on"]["result"].completion_ids, m["off"]["result"].completion_ids)
+            row(f"prompt prefilled once per group, KV cache shared by the G chains: {label}",
+                "1 prefill per prompt", "G prefills per prompt", m,
+                f"first-token logits allclose; sampled ids {'identical' if same else 'differ (float noise)'}")
+
+        # 2. the decoding loop: the text model + lm_head with rgpo's own padding mask under inference mode, vs
+        #    every step through the whole VLM forward (mask rebuilt by transformers) under no_grad
+        m = _alternate({
+            "on": lambda: model.generate(prompts, num_generations=G, max_new_tokens=T, generator=gen()),
+            "off": lambda: _naive_generate(model, prompts, num_generations=G, max_new_tokens=T, generator=gen()),
+        }, rounds, sync)
+        assert torch.equal(m["on"]["result"].completion_ids, m["off"]["result"].completion_ids)
+        row("decoding steps: text model + lm_head, own padding mask, inference mode", "rgpo's loop",
+            "full VLM forward per token, no_grad", m, "identical token ids")
+
+        # 3. log-probs + condition from ONE forward, norm + lm_head in chunks (no full-vocabulary log-softmax)
+        comps = model.generate(prompts, num_generations=G, max_new_tokens=T, generator=gen())
+        reps = prompts.repeat_interleave(G)
+        mb = min(cfg.optim.micro_batch_size, comps.completion_ids.shape[0])
+        p_mb, c_mb = reps.select(list(range(mb))), comps.select(list(range(mb)))
+
+        def fwd_on(grad: bool):
+            with torch.set_grad_enabled(grad):
+                out = model.forward_text(p_mb if grad else reps, c_mb if grad else comps, with_condition=True)
+                if grad:
+                    (out.logps.sum() + out.condition.sum()).backward()
+            return out.logps.detach(), out.condition.detach()
+
+        def fwd_off(grad: bool):
+            with torch.set_grad_enabled(grad):
+                logps, cond, _ = _naive_forward_text(model, p_mb if grad else reps, c_mb if grad else comps, True)
+                if grad:
+                    (logps.sum() + cond.sum()).backward()
+            return logps.detach(), cond.detach()
+
+        for grad, label in ((False, f"rollout, no grad ({comps.completion_ids.shape[0]} chains)"),
+                            (True, f"update micro-batch, forward + backward ({mb} chains)")):
+            model.train(grad)
+            m = _alternate({"on": lambda g=grad: fwd_on(g), "off": lambda g=grad: fwd_off(g)}, rounds, sync)
+            model.zero_grad(set_to_none=True)
+            (lo, co), (ln, cn) = m["on"]["result"], m["off"]["result"]
+            mask = (c_mb if grad else comps).completion_mask.bool()
+            torch.testing.assert_close(lo[mask], ln[mask], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(co, cn, atol=1e-5, rtol=1e-5)
+            row(f"log-probs and condition from one forward, chunked lm_head: {label}", "1 forward",
+                "2 forwards + full-vocab log-softmax", m, "log-probs and condition allclose")
+        model.eval()
+
+        # 4. image sampling: condition KV cache across denoising steps; guidance as ONE batched forward
+        with torch.no_grad():
+            out = model.forward_text(reps, comps, with_condition=True)
+            embeds = model.connect(out.condition, out.condition_mask)
+            neg_states, neg_mask = model.negative_condition(embeds.shape[0])
+            neg = model.connect(neg_states, neg_mask)
+            noise = model.initial_noise(embeds.shape[0], G, icfg).to(model.dtype)
+        cmask = out.condition_mask
+
+        def sample(cache: bool):
+            model.decoder_kv_cache = cache
+            try:
+                return model.sample_latents(embeds, cmask, neg, neg_mask, noise, icfg)
+            finally:
+                model.decoder_kv_cache = True
+
+        m = _alternate({"on": lambda: sample(True), "off": lambda: sample(False)}, rounds, sync)
+        torch.testing.assert_close(m["on"]["result"], m["off"]["result"], atol=1e-4, rtol=1e-4)
+        row(f"decoder condition keys/values cached across the {icfg.steps} denoising steps", "cached",
+            "condition recomputed every step", m, "latents allclose")
+        m = _alternate({
+            "on": lambda: sample(True),
+            "off": lambda: _naive_guided_sampling(model, embeds, cmask, neg, neg_mask, noise, icfg, cached=True),
+        }, rounds, sync)
+        torch.testing.assert_close(m["on"]["result"], m["off"]["result"], atol=1e-4, rtol=1e-4)
+        row(f"guidance (scale {icfg.guidance_scale}): condition + negative as ONE batched decoder forward",
+            "1 forward of 2N rows", "2 forwards of N rows", m, "latents allclose")
+        m = _alternate({
+            "on": lambda: sample(True),
+            "off": lambda: _naive_guided_sampling(model, embeds, cmask, neg, neg_mask, noise, icfg, cached=False),
+        }, rounds, sync)
+        torch.testing.assert_close(m["on"]["result"], m["off"]["result"], atol=1e-4, rtol=1e-4)
+        row("image sampling, both of the above", "cached + batched", "uncached, 2 forwards per step", m,
+            "latents allclose")
+
+        # 5. image KL: policy and reference decoder runs batched vs separate; K sampled timesteps vs all
+        lc = cfg.loss
+        n = mb
+        with torch.no_grad(), model.adapter_disabled():
+            ref = model.forward_text(p_mb, c_mb, with_condition=True)
+        pol_cond = out.condition[:n].detach()
+        shape = model.latent_shape(icfg.height, icfg.width)
+        g = gen(7)
+        kl_noise = torch.randn((n, *shape), generator=g).to(device, model.dtype)
+        t_idx = torch.randint(0, IMAGE_KL_GRID, (n,), generator=g)
+        grid = torch.arange(IMAGE_KL_GRID).float().div(IMAGE_KL_GRID - 1).to(device)
+
+        def kl(c, cm, rc, rm, t, noise_, batched: bool):
+            c = c.clone().requires_grad_(True)
+            if batched:
+                from rgpo.models.mindomni import cat_left_padded
+
+                both, both_mask = cat_left_padded([c, rc], [cm, rm])
+                feats = model.decode_step(model.connect(both, both_mask), both_mask, torch.cat([noise_, noise_]),
+                                          torch.cat([t, t]), return_features=True).features
+                pf, rf = feats.chunk(2)
+                rf = rf.detach()
+            else:
+                pf = model.decode_step(model.connect(c, cm), cm, noise_, t, return_features=True).features
+                with torch.no_grad():
+                    rf = model.decode_step(model.connect(rc, rm), rm, noise_, t, return_features=True).features
+            per = feature_kl(pf, rf, tau=lc.image_kl_tau)
+            per.mean().backward()
+            return per.detach(), c.grad
+
+        args = (pol_cond, cmask[:n], ref.condition, ref.condition_mask)
+        m = _alternate({"on": lambda: kl(*args, grid[t_idx], kl_noise, True),
+                        "off": lambda: kl(*args, grid[t_idx], kl_noise, False)}, rounds, sync)
+        torch.testing.assert_close(m["on"]["result"][0], m["off"]["result"][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m["on"]["result"][1], m["off"]["result"][1], atol=1e-4, rtol=1e-4)
+        row(f"image KL: policy and reference decoder runs batched (forward + backward, {n} chains)",
+            "1 batched forward", "2 forwards (policy with grad, reference without)", m,
+            "KL and its gradient allclose", in_rgpo="no (the trainer runs them separately)",
+            note="batching also runs the backward over the reference rows")
+        K = lc.image_kl_timesteps
+        reps_all = IMAGE_KL_GRID
+        all_args = tuple(a.repeat_interleave(reps_all, 0) for a in args)
+        m = _alternate({
+            "on": lambda: kl(*args, grid[t_idx], kl_noise, False),
+            "off": lambda: kl(*all_args, grid.repeat(n), kl_noise.repeat_interleave(reps_all, 0), False),
+        }, max(2, rounds // 3), sync)
+        every = m["off"]["result"][0].view(n, reps_all)
+        torch.testing.assert_close(m["on"]["result"][0], every[torch.arange(n), t_idx], atol=1e-4, rtol=1e-4)
+        row(f"image KL on K={K} sampled timestep(s) per chain (loss.image_kl_timesteps) vs all {reps_all} "
+            f"(forward + backward, {n} chains)", f"K={K}", f"all {reps_all}", m,
+            "the sampled timestep's KL equals that entry of the full sweep")
+
+        # 6. ZeRO-3: parameters gathered once for the rollout phase vs fetched by every forward (per token).
+        #    Last: a ZeRO-3 trainer leaves transformers' global DeepSpeed config set in this process.
+        if spec.get("zero3", True):
+            _zero3_ablation(spec, Path(tmp), rounds, sync, row)
+    return {"label": spec["label"], "kind": "ablations", "rows": rows_out, "rounds": rounds}
+
+
+def _zero3_ablation(spec, tmp: Path, rounds, sync, row) -> None:
+    """rgpo's ``gathered()`` (one gather for the whole rollout phase) vs ZeRO-3's per-module fetch at every
+    forward, on a ZeRO-3 trainer whose every parameter is partitioned (persistence threshold 0)."""
+    import deepspeed
+    import torch
+
+    from rgpo.trainer import RGPOTrainer
+
+    raw = json.loads((REPO / "configs" / "zero3.json").read_text())
+    raw.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
+    path = tmp / "zero3_all_partitioned.json"
+    path.write_text(json.dumps(raw))
+    z_spec = {**spec, "overrides": [*spec["overrides"], f"deepspeed.config={path}", "rollout.image.enabled=false"]}
+    zcfg = _rgpo_config(z_spec, str(tmp / "zero3"))
+    trainer = RGPOTrainer(zcfg)
+    if spec.get("ban_eos", True):
+        _ban_eos(trainer.model)
+    model = trainer.model
+    G, T = zcfg.rollout.num_generations, zcfg.rollout.max_new_tokens
+    P = zcfg.rollout.batch_size // G
+    rows = trainer.train_rows
+    prompts = model.build_prompts([rows[j % len(rows)].as_model_row() for j in range(P)])
+
+    def rollout(how: str):
+        trainer.engine.eval()
+        ctx = {"rgpo": trainer.gathered,  # one gather, ZeRO-3's module hooks off meanwhile
+               "gather, hooks on": lambda: deepspeed.zero.GatheredParameters(list(model.parameters())),
+               "per forward": contextlib.nullcontext}[how]
+        with torch.no_grad(), ctx():
+            comps = model.generate(prompts, num_generations=G, max_new_tokens=T,
+                                   generator=torch.Generator().manual_seed(0))
+            with model.adapter_disabled():
+                logps = model.forward_text(prompts.repeat_interleave(G), comps, with_condition=False).logps
+        return comps.completion_ids, logps
+
+    for off, off_label in (("per forward", "ZeRO-3 fetch/release at every module call of every forward (per token)"),
+                           ("gather, hooks on", "one gather, ZeRO-3 module hooks left on")):
+        m = _alternate({"on": lambda: rollout("rgpo"), "off": lambda o=off: rollout(o)}, rounds, sync)
+        assert torch.equal(m["on"]["result"][0], m["off"]["result"][0])
+        torch.testing.assert_close(m["on"]["result"][1], m["off"]["result"][1], atol=1e-5, rtol=1e-5)
+        row(f"ZeRO-3 rollout phase (generate {T} tokens + reference forward, every parameter partitioned, 1 rank)",
+            "one gather per phase, module hooks off", off_label, m, "identical ids, log-probs allclose")
+    trainer.close()
+
+
 # ================================================================================================ worker entry
 def worker_main(spec_file: str, out_file: str) -> None:
     global MEM
@@ -727,12 +1206,14 @@ def worker_main(spec_file: str, out_file: str) -> None:
         case = {**spec["common"], **case}
         print(f"[bench] {case['label']} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        result = run_trl(case) if case["kind"] == "trl" else run_rgpo(case)
+        runner = {"trl": run_trl, "ablations": run_ablations, "sweep": run_sweep}.get(case["kind"], run_rgpo)
+        result = runner(case)
         result["wall_s"] = time.perf_counter() - t
         result["memory_method"] = MEM.method
         results.append(result)
-        print(f"[bench] {case['label']}: step {result['step_s']:.3f} s (median of {result['steps_measured']}), "
-              f"{result['wall_s']:.0f} s in all", file=sys.stderr, flush=True)
+        if "step_s" in result:
+            print(f"[bench] {case['label']}: step {result['step_s']:.3f} s (median of {result['steps_measured']}), "
+                  f"{result['wall_s']:.0f} s in all", file=sys.stderr, flush=True)
     Path(out_file).write_text(json.dumps({"machine": machine_info(device), "results": results}, indent=1))
 
 
@@ -779,6 +1260,11 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["throughput"] = {**out["throughput"], "chains_per_s": chains / out["step_s"],
                          "tokens_per_s_step": tokens / out["step_s"],
                          "tokens_per_s_generation": tokens / text_s if text_s > 0 else float("nan")}
+    if all(r.get("bare") for r in results):
+        iters = [x for r in results for x in r["bare"]["iterations"]]
+        measured = [x for x in iters if not x["warmup"]] or iters
+        out["bare"] = {"median": {k: median([x[k] for x in measured]) for k in measured[0] if k.endswith("_s")},
+                       "iterations": iters}
     out["rounds"] = len(results)
     return out
 
@@ -790,8 +1276,67 @@ def fmt_s(x: float) -> str:
     return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def fmt_ms(x: float) -> str:
+    """Milliseconds with a decimal below 10 ms (the optimisation rows are short)."""
+    if x != x:
+        return "-"
+    return f"{x * 1000:.1f} ms" if x < 0.01 else fmt_s(x)
+
+
 def fmt_n(x: float, digits: int = 1) -> str:
     return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _overhead_lines(report: dict[str, Any]) -> list[str]:
+    """The trainer-overhead table: each measured step (full step; text-only, when compared with TRL) against the
+    same work as bare model calls, each bare iteration run right after a trainer step in the same process."""
+    cases = []
+    if report.get("main", {}).get("bare"):
+        cases.append(("full step", "overhead", report["main"]))
+    text = (report.get("comparison") or {}).get("rgpo")
+    if text and text.get("bare"):
+        cases.append(("text-only step", "overhead_text", text))
+    if not cases:
+        return []
+    pieces = [("generate (`build_prompts` + `model.generate`)", "generate_s", "rollout/text"),
+              ("no-grad forwards (policy when needed + reference `forward_text`)", "forward_nograd_s", "rollout/forward"),
+              ("images (`connect` + `sample_latents` + `decode_latents`)", "images_s", "rollout/images"),
+              ("update (forward_text + image KL + backward + AdamW)", "update_s", "update")]
+    head = "| piece | " + " | ".join(f"{name}: bare | {name}: in the trainer" for name, _, _ in cases) + " |"
+    lines = ["", "## Trainer overhead (rgpo step vs the same work as bare model calls)", "", head,
+             "| --- |" + " ---: | ---: |" * len(cases)]
+    for label, bare_key, phase in pieces:
+        cells = []
+        for _, _, res in cases:
+            b = res["bare"]["median"]
+            in_trainer = res["phase_s"].get(phase, 0.0 if b[bare_key] == 0 else float("nan"))
+            cells.append(f"{fmt_s(b[bare_key])} | {fmt_s(in_trainer)}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| **total** | " + " | ".join(
+        f"**{fmt_s(res['bare']['median']['total_s'])}** | **{fmt_s(res['step_s'])}**" for _, _, res in cases) + " |")
+    lines.append("")
+    notes = []
+    for name, key, res in cases:
+        overhead = res["step_s"] - res["bare"]["median"]["total_s"]
+        # Each trainer step with the bare iteration that ran right after it: the median of the per-pair shares
+        # is less sensitive to a load change between steps than the difference of the two medians.
+        pairs = [(s_["step_s"] - b_["total_s"]) / s_["step_s"] for s_, b_ in
+                 zip([x for x in res["steps"] if not x["warmup"]], [x for x in res["bare"]["iterations"]
+                                                                     if not x["warmup"]])]
+        fastest = min(x["step_s"] for x in res["steps"] if not x["warmup"])
+        fastest_bare = min(x["total_s"] for x in res["bare"]["iterations"] if not x["warmup"])
+        report[key] = {"step_s": res["step_s"], "bare_s": res["bare"]["median"]["total_s"], "overhead_s": overhead,
+                       "overhead_pct": 100 * overhead / res["step_s"],
+                       "paired_overhead_pct_median": 100 * median(pairs),
+                       "fastest_overhead_pct": 100 * (fastest - fastest_bare) / fastest}
+        notes.append(f"{name}: {fmt_s(overhead)} = **{100 * overhead / res['step_s']:.1f} %** of the step (median "
+                     f"of the per-step shares {100 * median(pairs):.1f} %; fastest step vs fastest bare iteration "
+                     f"{report[key]['fastest_overhead_pct']:.1f} %)")
+    lines.append("Trainer overhead (step minus the bare pieces): " + "; ".join(notes) + ". The bare pieces run on a "
+                 "plain, non-DeepSpeed copy of the same model with torch AdamW, one bare iteration right after each "
+                 "trainer step in the same process (so both see the same machine load); medians over the measured "
+                 "steps.")
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -834,34 +1379,19 @@ def render(report: dict[str, Any]) -> str:
                   f"during a step: {main['peak_mib']:.0f} MiB ({main['transient_mib']:.0f} MiB above the step's "
                   f"start, {main['footprint_mib']:.0f} MiB above the process before the trainer was built). "
                   f"(`throughput/chains_per_s` as rgpo logs it: {main['reported_chains_per_s']:.2f}.)"]
-        bare = main.get("bare")
-        if bare:
-            b = bare["median"]
-            overhead = main["step_s"] - b["total_s"]
-            report["overhead"] = {"step_s": main["step_s"], "bare_s": b["total_s"], "overhead_s": overhead,
-                                  "overhead_pct": 100 * overhead / main["step_s"]}
-            lines += ["", "## Trainer overhead (rgpo step vs the same work as bare model calls)", "",
-                      "| piece | bare | in the trainer |", "| --- | ---: | ---: |",
-                      f"| generate (`build_prompts` + `model.generate`) | {fmt_s(b['generate_s'])} | "
-                      f"{fmt_s(main['phase_s'].get('rollout/text', float('nan')))} |",
-                      f"| no-grad forwards (policy + reference `forward_text`) | {fmt_s(b['forward_nograd_s'])} | "
-                      f"{fmt_s(main['phase_s'].get('rollout/forward', float('nan')))} |",
-                      f"| images (`connect` + `sample_latents` + `decode_latents`) | {fmt_s(b['images_s'])} | "
-                      f"{fmt_s(main['phase_s'].get('rollout/images', float('nan')))} |",
-                      f"| update (forward_text + image KL + backward + AdamW) | {fmt_s(b['update_s'])} | "
-                      f"{fmt_s(main['phase_s'].get('update', float('nan')))} |",
-                      f"| **total** | **{fmt_s(b['total_s'])}** | **{fmt_s(main['step_s'])}** |", "",
-                      f"Trainer overhead: {fmt_s(overhead)} = **{100 * overhead / main['step_s']:.1f} %** of the "
-                      "step (bare pieces run on a plain, non-DeepSpeed copy of the same model with torch AdamW)."]
+        lines += _overhead_lines(report)
     scaling = report.get("scaling") or []
     if scaling:
         lines += ["", "## Scaling of the step", "",
-                  "| varied | value | chains | step | rollout/text | rollout/images | update | chains/s | "
-                  "tokens/s | peak rise (MiB) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "One process per varied quantity: a trainer per value (the baseline included), their steps taken "
+                  "round-robin, so the values of one quantity are compared under the same machine load.", "",
+                  "| varied | value | chains | step | step / chain | rollout/text | rollout/images | update | "
+                  "chains/s | tokens/s | peak rise (MiB) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in scaling:
             p = r["phase_s"]
             lines.append(f"| {r['axis']} | {r['value']} | {r['chains_per_step']} | {fmt_s(r['step_s'])} | "
+                         f"{fmt_ms(r['step_s'] / r['chains_per_step'])} | "
                          f"{fmt_s(p.get('rollout/text', float('nan')))} | "
                          f"{fmt_s(p.get('rollout/images', float('nan')))} | {fmt_s(p.get('update', float('nan')))} | "
                          f"{r['throughput']['chains_per_s']:.2f} | {r['throughput']['tokens_per_s_step']:.0f} | "
@@ -881,8 +1411,25 @@ def render(report: dict[str, Any]) -> str:
                   f"alternating rounds, {r['steps_measured']} + {t['steps_measured']} steps measured in all; "
                   "ratios < 1: rgpo faster / smaller.", "",
                   "| | rgpo | TRL | rgpo / TRL |", "| --- | ---: | ---: | ---: |"]
+        inter = cmp_.get("interleaved")
+        if inter:
+            ri, ti = inter["rgpo"], inter["trl"]
+            lines.append(f"| **step (median), rgpo and TRL steps interleaved in one process** ({ri['steps_measured']} "
+                         f"+ {ti['steps_measured']} steps) | **{fmt_s(ri['step_s'])}** | **{fmt_s(ti['step_s'])}** | "
+                         f"**{fmt_n(ri['step_s'] / ti['step_s'], 2)}** |")
+            lines.append(f"|   same run: median of the per-pair ratios (each rgpo step / the TRL step just before) | "
+                         f"| | {fmt_n(ri['pair_ratio_median'], 2)} |")
+            lines.append(f"|   same run: text generation | {fmt_s(ri['phase_s'].get('rollout/text', 0.0))} | "
+                         f"{fmt_s(ti['phase_s'].get('rollout/text', 0.0))} | "
+                         f"{fmt_n(ri['phase_s'].get('rollout/text', 0.0) / ti['phase_s'].get('rollout/text', 1.0), 2)} |")
+            lines.append(f"|   same run: update (TRL: step - rollout) | {fmt_s(ri['phase_s'].get('update', 0.0))} | "
+                         f"{fmt_s(ti['phase_s'].get('update', 0.0))} | "
+                         f"{fmt_n(ri['phase_s'].get('update', 0.0) / ti['phase_s'].get('update', 1.0), 2)} |")
+            cmp_["step_time_ratio_interleaved"] = ri["step_s"] / ti["step_s"]
+            cmp_["pair_ratio_median_interleaved"] = ri["pair_ratio_median"]
         rows_ = [
-            ("step (median)", r["step_s"], t["step_s"], True),
+            (f"step (median), separate processes ({cmp_.get('rounds', 1)} alternating rounds)", r["step_s"],
+             t["step_s"], True),
             ("  text generation", r["phase_s"].get("rollout/text", 0.0), t["phase_s"].get("rollout/text", 0.0), True),
             ("  no-grad forwards (rgpo: policy + reference; TRL: reference)", r["phase_s"].get("rollout/forward", 0.0),
              t["phase_s"].get("rollout/forward", 0.0), True),
@@ -913,6 +1460,21 @@ def render(report: dict[str, Any]) -> str:
         cmp_["process_peak_memory_ratio"] = r["peak_mib"] / t["peak_mib"]
         cmp_["peak_memory_ratio"] = r["transient_mib"] / t["transient_mib"] if t["transient_mib"] else None
         cmp_["footprint_ratio"] = r["footprint_mib"] / t["footprint_mib"] if t["footprint_mib"] else None
+    abl = report.get("ablations")
+    if abl:
+        lines += ["", "## Optimisations, each on vs off", "",
+                  f"Each row times rgpo's path (on) against the path without that optimisation (off: a flag, or a "
+                  f"bench-only naive reimplementation checked to compute the same result), alternating on/off in one "
+                  f"process, median of {abl['rounds']} rounds after a warm-up round (the all-timesteps image KL: "
+                  f"fewer). Same tiny model and settings as the full step.", "",
+                  "| optimisation | on | off | time on | time off | on / off | peak rise on / off (MiB) | "
+                  "same result | in the trainer |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+        for r in abl["rows"]:
+            note = f" ({r['note']})" if r.get("note") else ""
+            lines.append(f"| {r['optimisation']} | {r['on']} | {r['off']} | {fmt_ms(r['on_s'])} | "
+                         f"{fmt_ms(r['off_s'])} | {fmt_n(r['on_over_off'], 2)} | {r['on_peak_rise_mib']:.1f} / "
+                         f"{r['off_peak_rise_mib']:.1f} | {r['same_result']} | {r['in_rgpo']}{note} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -940,6 +1502,12 @@ def parse_args(argv=None):
     ap.add_argument("--skip-trl", action="store_true", help="no TRL comparison (and no text-only rgpo run)")
     ap.add_argument("--skip-scaling", action="store_true", help="no scaling sweeps")
     ap.add_argument("--skip-bare", action="store_true", help="no bare-pieces / trainer-overhead measurement")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="no extra process with rgpo and TRL steps interleaved (the load-robust step-time ratio)")
+    ap.add_argument("--skip-ablations", action="store_true", help="no optimisation on/off measurements")
+    ap.add_argument("--skip-zero3", action="store_true", help="no ZeRO-3 gather-once vs per-forward measurement")
+    ap.add_argument("--ablation-rounds", type=int, default=7,
+                    help="alternating on/off rounds per optimisation (median; default 7)")
     ap.add_argument("--keep-eos", action="store_true",
                     help="let chains stop at EOS (default: EOS banned so every chain has max_new_tokens tokens)")
     ap.add_argument("--threads", type=int, default=None,
@@ -995,7 +1563,8 @@ def main(argv=None) -> int:
         elif not args.skip_trl:
             text_over = [*overrides, "rollout.image.enabled=false", "rewards.functions=[format]"]
             text_case = {"kind": "rgpo", "label": "rgpo text-only", "overrides": text_over,
-                         "warmup": args.warmup, "steps": args.steps, "lora_without_lm_head": True}
+                         "warmup": args.warmup, "steps": args.steps, "lora_without_lm_head": True,
+                         "bare": not args.skip_bare}
             model_dir = tmp / "tiny-qwen2.5-vl"
             save_tiny_vlm(load_config(args.config, text_over), model_dir)
             trl_case = {"kind": "trl", "label": "TRL GRPOTrainer", "overrides": text_over,
@@ -1006,8 +1575,20 @@ def main(argv=None) -> int:
                 rs.append(spawn([text_case], common, threads, tmp, f"rgpo_text{i}")["results"][0])
                 ts.append(spawn([trl_case], common, threads, tmp, f"trl{i}")["results"][0])
             report["comparison"] = {"rgpo": pool(rs), "trl": pool(ts), "rounds": len(rs)}
+            if not args.no_interleave:
+                steps_i = args.steps * max(1, args.repeats)
+                inter = {**trl_case, "label": "TRL GRPOTrainer + rgpo text-only, interleaved", "steps": steps_i,
+                         "interleave": {**text_case, "bare": False, "steps": steps_i}}
+                res_i = spawn([inter], common, threads, tmp, "interleaved")["results"][0]
+                report["comparison"]["interleaved"] = {"rgpo": res_i["interleaved_rgpo"], "trl": res_i}
 
-        # 3. scaling sweeps (one process; the baseline is the main run)
+        # 3. each optimisation on vs off (one process, alternating)
+        if not args.skip_ablations:
+            abl = {"kind": "ablations", "label": "optimisations on vs off", "overrides": overrides,
+                   "rounds": args.ablation_rounds, "zero3": not args.skip_zero3}
+            report["ablations"] = spawn([abl], common, threads, tmp, "ablations")["results"][0]
+
+        # 4. scaling sweeps: one process per axis, its points (the baseline included) measured round-robin
         if not args.skip_scaling:
             G0 = base.rollout.num_generations
             prompts = base.rollout.batch_size // G0
@@ -1025,23 +1606,21 @@ def main(argv=None) -> int:
                                        if n != base.rollout.max_new_tokens],
                  lambda n: [f"rollout.max_new_tokens={n}"]),
             ]
-            cases, meta = [], []
-            for axis, values, make in axes:
-                for v in values:
-                    cases.append({"kind": "rgpo", "label": f"scaling {axis}={v}", "overrides": [*overrides, *make(v)],
-                                  "warmup": args.scaling_warmup, "steps": scaling_steps})
-                    meta.append((axis, v))
-            res = spawn(cases, common, threads, tmp, "scaling")["results"] if cases else []
-            m = report["main"]
             baseline_values = {"G": G0, "decoder steps": img.steps, "image size": img.height,
                                "completion length": base.rollout.max_new_tokens}
-            rows = [{**r, "axis": axis, "value": v} for r, (axis, v) in zip(res, meta)]
-            for axis, v0 in baseline_values.items():
-                rows.append({**{k: m[k] for k in ("step_s", "phase_s", "throughput", "chains_per_step",
-                                                   "transient_mib")}, "axis": axis, "value": f"{v0} (main)",
-                             "sort": v0})
-            order = {a: i for i, a in enumerate(baseline_values)}
-            rows.sort(key=lambda r: (order[r["axis"]], r.get("sort", r["value"])))
+            rows = []
+            for axis, values, make in axes:
+                if not values:
+                    continue
+                v0 = baseline_values[axis]
+                points = sorted([*values, v0])
+                sweep = {"kind": "sweep", "label": f"scaling {axis}", "warmup": args.scaling_warmup,
+                         "steps": scaling_steps,
+                         "points": [{"label": f"{axis}={v}", "overrides": [*overrides, *(make(v) if v != v0 else [])]}
+                                    for v in points]}
+                res = spawn([sweep], common, threads, tmp, f"scaling_{axis.replace(' ', '_')}")["results"][0]
+                for v, r in zip(points, res["points"]):
+                    rows.append({**r, "axis": axis, "value": f"{v} (baseline)" if v == v0 else v})
             report["scaling"] = rows
 
     report["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

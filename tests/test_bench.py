@@ -1,5 +1,6 @@
 """Smoke test of the benchmark harness (scripts/bench.py): it runs, names the machine and writes every phase with
-positive numbers. No speed target is asserted: timings depend on the machine and its load."""
+positive numbers, and every optimisation's on/off row. No speed target is asserted: timings depend on the machine
+and its load."""
 
 import json
 import os
@@ -18,7 +19,7 @@ def test_bench_quick_smoke(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--steps", "2", "--warmup", "1",
-         "--skip-trl", "--skip-scaling", "--out", str(out)],
+         "--skip-trl", "--skip-scaling", "--ablation-rounds", "1", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
@@ -42,3 +43,13 @@ def test_bench_quick_smoke(tmp_path):
     for key in ("generate_s", "forward_nograd_s", "images_s", "update_s", "total_s"):
         assert bare[key] > 0, key
     assert "overhead_pct" in report["overhead"]
+
+    # every optimisation measured on and off, the naive path checked to compute the same result
+    rows = report["ablations"]["rows"]
+    names = " | ".join(r["optimisation"] for r in rows)
+    for key in ("prefilled once per group", "decoding steps", "one forward", "keys/values cached", "guidance",
+                "policy and reference decoder runs batched", "sampled timestep", "ZeRO-3"):
+        assert key in names, key
+    for r in rows:
+        assert r["on_s"] > 0 and r["off_s"] > 0 and r["same_result"], r
+    assert "## Optimisations, each on vs off" in (out / "bench.md").read_text()

@@ -224,3 +224,17 @@ def test_text_only_mode_is_plain_vlm_grpo(tmp_path):
     assert trainer._last_rollout.images == [None] * 8 and trainer._last_rollout.old_logps is None
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_text_only_under_zero3_in_one_process(tmp_path):
+    """Text only under ZeRO-3 (partitioned norm / lm_head): the chunked, checkpointed log-probs recompute with
+    weights ZeRO-3 has released again, and the update still applies (the text KL moves off 0)."""
+    from rgpo.trainer import RGPOTrainer
+
+    trainer = RGPOTrainer(tiny_cfg(tmp_path, "rollout.image.enabled=false", "optim.max_steps=2",
+                                   "checkpoint.every=0", "logging.mode=disabled",
+                                   f"deepspeed.config={REPO / 'configs' / 'zero3.json'}"))
+    assert trainer.zero3
+    trainer.train()
+    assert trainer.history[0]["kl/text"] == 0.0 and trainer.history[-1]["kl/text"] > 0
+    assert all(math.isfinite(row["loss/total"]) for row in trainer.history)

@@ -13,13 +13,15 @@ Conventions shared by every method:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
+
+from rgpo.sde import SDETrajectory
 
 
 @dataclass
@@ -126,7 +128,16 @@ class ForwardOutput:
 
 @dataclass
 class ImageSamplingConfig:
-    """How images are drawn from the decoder."""
+    """How images are drawn from the decoder.
+
+    ``noise_level > 0`` switches on SDE sampling (Flow-GRPO's SDE for the decoder's rectified flow, see
+    :mod:`rgpo.sde`) for the image-side policy gradient: the stochastic steps draw ``x_next ~ N(mean, std^2)``
+    and record their log-probs, and ``sample_latents`` returns an :class:`~rgpo.sde.SDETrajectory`. Every step
+    is stochastic unless ``sde_window`` picks ``K`` consecutive ones (Flow-GRPO-Fast), starting at
+    ``sde_window_start`` or, when that is None, at a start drawn uniformly so that the window stays inside
+    ``sde_window_range`` (a half-open range of step indices; None: all steps). ``noise_level == 0`` (the
+    default) is the deterministic Euler sampler, bit for bit, and ignores the window fields.
+    """
 
     height: int = 512
     width: int = 512
@@ -134,6 +145,10 @@ class ImageSamplingConfig:
     guidance_scale: float = 3.0
     seed: int = 42
     shared_noise: bool = True  # one initial noise per group (MindOmni); False: one per sample
+    noise_level: float = 0.0  # Flow-GRPO's a (they use 0.7); 0: deterministic Euler
+    sde_window: int | None = None  # K stochastic steps; None: every step
+    sde_window_start: int | None = None  # first stochastic step; None: drawn from the SDE generator
+    sde_window_range: tuple[int, int] | None = None  # where a drawn window may lie; None: (0, steps)
 
 
 @dataclass
@@ -146,6 +161,26 @@ class DecoderOutput:
 
     velocity: torch.Tensor
     features: torch.Tensor | None = None
+
+
+@contextmanager
+def decoder_adapters_disabled(module: torch.nn.Module | None) -> Iterator[None]:
+    """Disable every peft LoRA layer injected into ``module`` (``inject_adapter_in_model``, which has no
+    ``disable_adapter`` context) for the block. Only the layers' own switch is flipped (not ``requires_grad``,
+    which ``enable_adapters`` would reset), and restored on exit."""
+    layers = []
+    if module is not None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, before):
+            m._disable_adapters = flag
 
 
 class UnifiedModel(torch.nn.Module):
@@ -214,6 +249,21 @@ class UnifiedModel(torch.nn.Module):
         """One decoder evaluation: velocity at (latents, t) given the condition; ``t`` (N,) with 0 = noise."""
         raise NotImplementedError
 
+    def guided_velocity(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        guidance_scale: float = 1.0,
+        *,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        """The float32 velocity ``sample_latents`` integrates at (``x``, ``t``): with ``guidance_scale != 1``,
+        ``embeds``/``mask`` hold the N condition rows then the N negative rows, run as one batch, and
+        ``v = v_neg + g (v_cond - v_neg)``. The image policy gradient recomputes its SDE log-probs with it."""
+        raise NotImplementedError
+
     def initial_noise(self, num: int, group_size: int, cfg: ImageSamplingConfig, device=None) -> torch.Tensor:
         """Seeded initial latents (num, C, h, w); shared within each group of ``group_size`` when
         ``cfg.shared_noise``."""
@@ -227,9 +277,17 @@ class UnifiedModel(torch.nn.Module):
         neg_mask: torch.Tensor | None,
         noise: torch.Tensor,
         cfg: ImageSamplingConfig,
-    ) -> torch.Tensor:
-        """Deterministic Euler flow-matching sampling from ``noise`` (t: 0 -> 1) with classifier-free guidance
-        (``neg_embeds`` None or guidance 1: unguided). Returns final latents (N, C, h, w)."""
+        *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor | SDETrajectory:
+        """Flow-matching sampling from ``noise`` (t: 0 -> 1) with classifier-free guidance (``neg_embeds`` None or
+        guidance 1: unguided).
+
+        ``cfg.noise_level == 0``: deterministic Euler; returns the final latents (N, C, h, w) float32.
+        ``cfg.noise_level > 0``: SDE steps where ``cfg`` says (:mod:`rgpo.sde`), with the guided velocity, their
+        noise drawn from ``generator`` (one CPU generator, or one per row so that a row's noise does not depend
+        on the batch; None: derived from ``cfg.seed``); returns an :class:`~rgpo.sde.SDETrajectory` (final
+        latents, the latents before and after each stochastic step, their fp32 log-probs and times)."""
         raise NotImplementedError
 
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -239,12 +297,14 @@ class UnifiedModel(torch.nn.Module):
     # -- what trains ----------------------------------------------------------------------------------------------
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """Run as the reference: the VLM's peft adapter disabled (a no-op when ``vlm`` carries none)."""
-        if hasattr(self.vlm, "disable_adapter"):
-            with self.vlm.disable_adapter():
+        """Run as the reference: the VLM's peft adapter and any LoRA injected into the decoder
+        (``trainable.decoder_lora_r``) disabled (a no-op for parts that carry none)."""
+        with decoder_adapters_disabled(getattr(self, "decoder", None)):
+            if hasattr(self.vlm, "disable_adapter"):
+                with self.vlm.disable_adapter():
+                    yield
+            else:
                 yield
-        else:
-            yield
 
     def language_model_lora_targets(self) -> list[str]:
         """Module names for the default LoRA (the VLM's language model and lm_head, never the vision tower)."""

@@ -23,6 +23,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rgpo.sde import SDETrajectory, random_window_start, sample_flow, stochastic_steps
+
 from .base import Completions, DecoderOutput, ForwardOutput, ImageSamplingConfig, PromptBatch, UnifiedModel
 from .omnigen import build_condition_cache, decoder_forward, decoder_forward_cached, num_image_tokens
 
@@ -44,6 +46,7 @@ EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 # Never sampled: a vision placeholder in a completion would desynchronise the image features and positions.
 BANNED_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+SDE_SEED_OFFSET = 0x5DE  # the default SDE-noise generator is seeded with cfg.seed + this (initial noise: cfg.seed)
 
 
 class MindOmni(UnifiedModel):
@@ -194,13 +197,15 @@ class MindOmni(UnifiedModel):
         hook = hf.model.language_model.norm.register_forward_hook(
             lambda m, args, out: captured.append(args[0])
         )
+        vision = {k: v for k, v in vision.items() if k in VISION_KEYS}
         try:
-            hf.model(
+            # Text only: the text model directly (the VLM wrapper would only embed the ids and call it).
+            (hf.model if vision else hf.model.language_model)(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=self._position_ids(ids, mask, vision),
                 use_cache=False,
-                **{k: v for k, v in vision.items() if k in VISION_KEYS},
+                **vision,
             )
         finally:
             hook.remove()
@@ -214,6 +219,10 @@ class MindOmni(UnifiedModel):
         hf = self.hf_vlm()
         norm, head = hf.model.language_model.norm, hf.lm_head
         flat, flat_t = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
+        # ZeRO-3 releases norm / lm_head weights after each module call, the recomputation included, so the saved
+        # weights look empty when checkpoint compares them afterwards; its backward hooks fetch them again for the
+        # backward, which gives the very gradients of the unchecked run: skip that metadata check.
+        check = "none" if any(hasattr(p, "ds_id") for p in head.parameters()) else "default"
         out = []
         for start in range(0, flat.shape[0], self.logprob_chunk_size):
             h, t = (
@@ -221,7 +230,9 @@ class MindOmni(UnifiedModel):
                 flat_t[start : start + self.logprob_chunk_size],
             )
             if torch.is_grad_enabled():
-                out.append(checkpoint(_chunk_logps, norm, head, h, t, use_reentrant=False))
+                out.append(
+                    checkpoint(_chunk_logps, norm, head, h, t, use_reentrant=False, determinism_check=check)
+                )
             else:
                 out.append(_chunk_logps(norm, head, h, t))
         return torch.cat(out).view(targets.shape)
@@ -250,6 +261,7 @@ class MindOmni(UnifiedModel):
                 f"num_generations ({num_generations}) and max_new_tokens ({max_new_tokens}) must be >= 1"
             )
         hf = self.hf_vlm()
+        language_model = hf.model.language_model
         device = self.device
         prompts = prompts.to(device)
         rows = prompts.input_ids.shape[0] * num_generations
@@ -258,55 +270,79 @@ class MindOmni(UnifiedModel):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             sample_gen = torch.Generator(device=device).manual_seed(seed)
         eos = torch.tensor(self.eos_token_ids, device=device)
+        banned = torch.tensor(self.banned_token_ids, dtype=torch.long, device=device)
+        synced = self._synced()
+        # Inference mode (no autograd bookkeeping at all) unless ZeRO-3 partitions the parameters (its fetch hooks
+        # then run inside the loop); the sampled ids are copied out of it at the end.
+        fast = not hasattr(next(self.vlm.parameters()), "ds_id")
+        # Decoding steps build their own attention mask: with SDPA, one query token attends to every real key, so
+        # the mask is just the padding mask (None without padding), as transformers would build it each step.
+        own_mask = language_model.config._attn_implementation == "sdpa" and not language_model.has_sliding_layers
+        padded = not bool(prompts.attention_mask.all())
         was_training = self.vlm.training
-        self.vlm.eval()  # layers drop the KV cache under gradient checkpointing in train mode
+        if was_training:
+            self.vlm.eval()  # layers drop the KV cache under gradient checkpointing in train mode
         try:
-            positions = self._position_ids(prompts.input_ids, prompts.attention_mask, prompts.vision)
-            out = hf(
-                input_ids=prompts.input_ids,
-                attention_mask=prompts.attention_mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **prompts.vision,
-            )
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(num_generations)
-            logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
-            next_pos = positions.amax(dim=(0, 2)).repeat_interleave(num_generations) + 1  # (rows,)
-            mask = prompts.attention_mask.repeat_interleave(num_generations, 0)
-            done = torch.zeros(rows, dtype=torch.bool, device=device)
-            tokens = []
-            for step in range(max_new_tokens):
-                logits[:, self.banned_token_ids] = float("-inf")
-                token = _sample(logits, temperature, top_p, top_k, sample_gen)
-                token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
-                tokens.append(token)
-                done |= torch.isin(token, eos)
-                if step == max_new_tokens - 1 or self._all_done(done):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                step_pos = (next_pos + step).view(1, rows, 1).expand(3, -1, -1)
+            with torch.inference_mode(fast):
+                positions = self._position_ids(prompts.input_ids, prompts.attention_mask, prompts.vision)
                 out = hf(
-                    input_ids=token[:, None],
-                    attention_mask=mask,
-                    position_ids=step_pos,
-                    past_key_values=cache,
+                    input_ids=prompts.input_ids,
+                    attention_mask=prompts.attention_mask,
+                    position_ids=positions,
                     use_cache=True,
                     logits_to_keep=1,
+                    **prompts.vision,
                 )
-                cache, logits = out.past_key_values, out.logits[:, -1].float()
+                cache = out.past_key_values
+                cache.batch_repeat_interleave(num_generations)
+                logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
+                next_pos = positions.amax(dim=(0, 2)).repeat_interleave(num_generations) + 1  # (rows,)
+                mask = prompts.attention_mask.repeat_interleave(num_generations, 0)
+                done = torch.zeros(rows, dtype=torch.bool, device=device)
+                tokens = []
+                for step in range(max_new_tokens):
+                    if banned.numel():
+                        logits.index_fill_(1, banned, float("-inf"))
+                    token = _sample(logits, temperature, top_p, top_k, sample_gen)
+                    token.masked_fill_(done, self.pad_token_id)
+                    tokens.append(token)
+                    done |= torch.isin(token, eos)
+                    if step == max_new_tokens - 1 or self._all_done(done, synced):
+                        break
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    step_pos = (next_pos + step).view(1, rows, 1).expand(3, -1, -1)
+                    # The text model and lm_head directly: a decoding step has no vision input, and the outer VLM
+                    # wrappers cost as much as the tiny model's own layers.
+                    step_mask = mask
+                    if own_mask:
+                        step_mask = {"full_attention": mask.bool()[:, None, None, :] if padded else None}
+                    hidden = language_model(
+                        input_ids=token[:, None],
+                        attention_mask=step_mask,
+                        position_ids=step_pos,
+                        past_key_values=cache,
+                        use_cache=True,
+                    ).last_hidden_state
+                    logits = hf.lm_head(hidden[:, -1]).float()
         finally:
-            self.vlm.train(was_training)
-        return self._completions(torch.stack(tokens, dim=1))
+            if was_training:
+                self.vlm.train(True)
+        return self._completions(torch.stack(tokens, dim=1))  # outside inference mode: an ordinary tensor
 
-    def _all_done(self, done: torch.Tensor) -> bool:
-        """Whether every chain finished, over all ranks when generation is synced: under ZeRO-3 each forward
-        gathers parameters collectively, so a rank that stops early would hang the others."""
+    def _synced(self) -> bool:
+        """Whether generation keeps every rank stepping (``synced_generation``; auto: when ZeRO-3 partitions the
+        VLM) and there are several ranks."""
         synced = self.synced_generation
         if synced is None:  # auto: ZeRO-3 marks its partitioned parameters with ``ds_id``
             synced = hasattr(next(self.vlm.parameters()), "ds_id")
-        if synced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return bool(synced) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _all_done(self, done: torch.Tensor, synced: bool | None = None) -> bool:
+        """Whether every chain finished, over all ranks when generation is synced: under ZeRO-3 each forward
+        gathers parameters collectively, so a rank that stops early would hang the others."""
+        if synced is None:
+            synced = self._synced()
+        if synced:
             pending = torch.tensor([float(not bool(done.all()))], device=done.device)
             dist.all_reduce(pending)
             return pending.item() == 0
@@ -415,6 +451,37 @@ class MindOmni(UnifiedModel):
         )
         return DecoderOutput(velocity, features)
 
+    def guided_velocity(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        guidance_scale: float = 1.0,
+        *,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        """The float32 velocity (N, C, h, w) that :meth:`sample_latents` integrates, at latents ``x`` (N, C, h, w)
+        and time ``t`` (0-dim, or (N,)).
+
+        ``guidance_scale != 1``: ``embeds``/``mask`` (or ``cache``) hold the N condition rows followed by the N
+        negative rows (as :func:`cat_left_padded` stacks them); both branches run as ONE batch and
+        ``v = v_neg + g (v_cond - v_neg)``. ``cache`` (a :func:`build_condition_cache`, no gradients) runs only
+        the time and image tokens; without it the full forward runs, the path gradients flow through. The image
+        policy gradient samples with ``decoder_kv_cache = False`` and recomputes its log-probs with this very
+        method, so the on-policy ratio is exactly 1 (the cached path differs by ~1e-5)."""
+        guided = guidance_scale != 1.0
+        x_in = torch.cat([x, x]) if guided else x
+        t = t.expand(x_in.shape[0]) if t.dim() == 0 else (torch.cat([t, t]) if guided else t)
+        if cache is not None:
+            v = decoder_forward_cached(self.decoder, cache, x_in, t).float()
+        else:
+            v = decoder_forward(self.decoder, embeds, mask, x_in, t)[0].float()
+        if guided:
+            v_cond, v_neg = v.chunk(2)
+            v = v_neg + guidance_scale * (v_cond - v_neg)
+        return v
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents of an image; height and width must be multiples of VAE factor x patch."""
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -447,12 +514,21 @@ class MindOmni(UnifiedModel):
         neg_mask: torch.Tensor | None,
         noise: torch.Tensor,
         cfg: ImageSamplingConfig,
-    ) -> torch.Tensor:
-        """Euler flow sampling from ``noise`` over t = 0 -> 1 (``cfg.steps`` uniform steps, OmniGen convention).
+        *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor | SDETrajectory:
+        """Flow sampling from ``noise`` over t = 0 -> 1 (``cfg.steps`` uniform steps, OmniGen convention).
 
         With guidance (``neg_embeds`` given and ``cfg.guidance_scale`` != 1) the condition and negative rows run
         as ONE batch per step, ``v = v_neg + g (v_cond - v_neg)``. Condition keys/values are computed once per
-        call (``decoder_kv_cache``). Integration in fp32. Returns latents (N, C, h, w) float32.
+        call (``decoder_kv_cache``). Integration in fp32.
+
+        ``cfg.noise_level == 0``: Euler steps ``x + dt * v``; returns latents (N, C, h, w) float32.
+        ``cfg.noise_level > 0``: :func:`rgpo.sde.sample_flow` takes Flow-GRPO's SDE step (with the guided ``v``) at
+        the steps of the window (every step without one) and returns its :class:`~rgpo.sde.SDETrajectory`. The
+        step noise (and a window start not fixed in ``cfg``) comes from ``generator``: one CPU generator, or one
+        per row (the start is then drawn from the first); None: ``torch.Generator().manual_seed(cfg.seed +
+        SDE_SEED_OFFSET)``, a stream apart from :meth:`initial_noise`'s.
         """
         n = noise.shape[0]
         guided = neg_embeds is not None and cfg.guidance_scale != 1.0
@@ -464,23 +540,28 @@ class MindOmni(UnifiedModel):
                 neg_embeds, neg_mask = neg_embeds.expand(n, -1, -1), neg_mask.expand(n, -1)
             embeds, mask = cat_left_padded([cond_embeds, neg_embeds], [cond_mask, neg_mask])
         grid = euler_grid(cfg.steps).to(noise.device)
-        x = noise.float()
         cache = None
         if self.decoder_kv_cache:
             h, w = noise.shape[-2:]
             cache = build_condition_cache(self.decoder, embeds, mask, num_image_tokens(self.decoder, h, w))
-        for i in range(cfg.steps):
-            x_in = torch.cat([x, x]) if guided else x
-            t = grid[i].expand(x_in.shape[0])
-            if cache is not None:
-                v = decoder_forward_cached(self.decoder, cache, x_in, t).float()
-            else:
-                v = decoder_forward(self.decoder, embeds, mask, x_in, t)[0].float()
-            if guided:
-                v_cond, v_neg = v.chunk(2)
-                v = v_neg + cfg.guidance_scale * (v_cond - v_neg)
-            x = x + (grid[i + 1] - grid[i]) * v
-        return x
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.guided_velocity(embeds, mask, x, t, cfg.guidance_scale if guided else 1.0, cache=cache)
+
+        if cfg.noise_level == 0:
+            return sample_flow(velocity, noise, grid).latents
+        if generator is None:
+            generator = torch.Generator().manual_seed(cfg.seed + SDE_SEED_OFFSET)
+        start = 0
+        if cfg.sde_window is not None:
+            start = cfg.sde_window_start
+            if start is None:
+                first = generator if isinstance(generator, torch.Generator) else generator[0]
+                start = random_window_start(cfg.steps, cfg.sde_window, first, cfg.sde_window_range)
+        stochastic = stochastic_steps(cfg.steps, cfg.sde_window, start)
+        return sample_flow(
+            velocity, noise, grid, noise_level=cfg.noise_level, stochastic=stochastic, generator=generator
+        )
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
