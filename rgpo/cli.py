@@ -1,9 +1,11 @@
-"""``rgpo`` command line: ``rgpo train``, ``rgpo sample``, ``rgpo export``.
+"""``rgpo`` command line: ``rgpo train``, ``sample``, ``export``, ``demo``, ``eval-toy``.
 
     rgpo train --config configs/tiny.yaml optim.max_steps=20
     deepspeed --num_gpus 8 scripts/train.py --config configs/mindomni_rgpo.yaml model.path=/ckpt/MindOmni
     rgpo sample --checkpoint outputs/rgpo/checkpoints/step-0000050 --prompts prompts.jsonl --out samples/
     rgpo export --checkpoint outputs/rgpo/checkpoints/step-0000600 --out MindOmni-rgpo/
+    rgpo demo                                   # RGPO on the embedded toy world, evaluated before and after
+    rgpo eval-toy --checkpoint outputs/toy_world/checkpoints/step-0000040
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_trained(checkpoint: str, device: str = "cpu"):
+def load_trained(checkpoint: str, device: str = "cpu"):
     """The model of a checkpoint with its trained weights applied (LoRA merged)."""
     from safetensors.torch import load_file
 
@@ -59,7 +61,7 @@ def _sample(args: argparse.Namespace) -> int:
     from rgpo.tracking import contact_sheet
     from rgpo.trainer import draw_images
 
-    model, cfg = _load_trained(args.checkpoint)
+    model, cfg = load_trained(args.checkpoint)
     rows = load_prompts(args.prompts)[: args.limit or None]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,9 +83,33 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    model, _ = _load_trained(args.checkpoint)
+    model, _ = load_trained(args.checkpoint)
     model.save_pretrained(args.out)
     print(f"wrote the trained model in the MindOmni layout to {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rgpo.demo import run_demo
+
+    run_demo(args.config, args.overrides, eval_prompts=args.eval_prompts, samples_per_prompt=args.samples)
+    return 0
+
+
+def _eval_toy(args: argparse.Namespace) -> int:
+    import json
+
+    from rgpo.config import load_config
+    from rgpo.demo import default_config, evaluate_model
+    from rgpo.trainer import build_model
+
+    if args.checkpoint:
+        model, cfg = load_trained(args.checkpoint)
+    else:
+        cfg = load_config(args.config or default_config(), args.overrides)
+        model = build_model(cfg)
+    result = evaluate_model(model, cfg, args.eval_prompts, args.samples, args.seed)
+    print(json.dumps(result.figures()))
     return 0
 
 
@@ -109,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
+
+    demo = sub.add_parser("demo", help="RGPO on the embedded toy world (CPU, minutes), evaluated before and after")
+    demo.add_argument("--config", default=None, help="default: configs/toy_world.yaml")
+    demo.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts in each evaluation")
+    demo.add_argument("--samples", type=int, default=4, help="chains sampled per held-out prompt")
+    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    demo.set_defaults(func=_demo)
+
+    toy_eval = sub.add_parser("eval-toy", help="held-out format rate, reasoning accuracy and CLIP consistency "
+                              "of a toy-world model (a checkpoint, or the config's starting model)")
+    toy_eval.add_argument("--checkpoint", default=None, help="a training checkpoint; default: the starting model")
+    toy_eval.add_argument("--config", default=None, help="default: configs/toy_world.yaml")
+    toy_eval.add_argument("--eval-prompts", type=int, default=64)
+    toy_eval.add_argument("--samples", type=int, default=4)
+    toy_eval.add_argument("--seed", type=int, default=0)
+    toy_eval.add_argument("overrides", nargs="*")
+    toy_eval.set_defaults(func=_eval_toy)
     return parser
 
 

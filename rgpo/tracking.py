@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import defaultdict
@@ -92,6 +93,46 @@ class WandbLogger(NullLogger):
 
     def finish(self) -> None:
         self._wandb.finish()
+
+
+class MetricsHistory(NullLogger):
+    """Every scalar also appended to a JSONL file (one line per ``log`` call: ``{"step": ..., name: value}``),
+    so curves can be drawn without wandb. After a resume the steps past the last checkpoint appear twice:
+    :func:`read_metrics` keeps the last line of each step."""
+
+    def __init__(self, inner: NullLogger, path: str | Path):
+        self.inner = inner
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run_id, self.run_dir = inner.run_id, inner.run_dir
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if scalars:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.inner.log(metrics, step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self.inner.log_table(key, columns, rows, step)
+
+    def log_images(self, key: str, images: list[Image.Image], captions: list[str], step: int) -> None:
+        self.inner.log_images(key, images, captions, step)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+
+def read_metrics(path: str | Path) -> dict[int, dict[str, float]]:
+    """``{step: {name: value}}`` from a :class:`MetricsHistory` file, later lines of a step overriding earlier."""
+    history: dict[int, dict[str, float]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                step = int(row.pop("step"))
+                history.setdefault(step, {}).update(row)
+    return dict(sorted(history.items()))
 
 
 def to_uint8(image: Image.Image) -> np.ndarray:

@@ -43,11 +43,11 @@ def test_train_sample_export_round_trip(tmp_path):
         assert (exported / part).exists(), part
 
     # The exported model is the trained one: LoRA merged into the language model, everything else as built.
-    from rgpo.cli import _load_trained
+    from rgpo.cli import load_trained
     from rgpo.models.mindomni import MindOmni
     from rgpo.models.tiny import build_tiny_mindomni
 
-    trained, _ = _load_trained(str(checkpoint))
+    trained, _ = load_trained(str(checkpoint))
     reloaded = MindOmni.from_pretrained(str(exported))
     base = build_tiny_mindomni(seed=0)
     trained_sd, reloaded_sd, base_sd = trained.state_dict(), reloaded.state_dict(), base.state_dict()

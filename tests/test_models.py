@@ -712,7 +712,7 @@ def _synced_generation_worker(rank: int, init_file: str, results: str) -> None:
     model = build_tiny_mindomni(seed=0).eval()
     model.synced_generation = True
     calls = []
-    model.hf_vlm().register_forward_hook(lambda *a: calls.append(1))
+    model.hf_vlm().model.language_model.register_forward_hook(lambda *a: calls.append(1))  # every forward
     if rank == 0:  # rank 0's chains end at their first token; rank 1 runs all 6 steps
         eos = model.eos_token_ids[0]
         model.hf_vlm().lm_head.register_forward_hook(
@@ -759,3 +759,22 @@ def test_prompt_batch_select_and_repeat_with_mixed_image_counts():
     assert repeated.vision["image_grid_thw"].shape[0] == 6
     torch.testing.assert_close(repeated.select([4]).vision["pixel_values"], singles[2].vision["pixel_values"])
     torch.testing.assert_close(repeated.select([3]).vision["pixel_values"], singles[1].vision["pixel_values"])
+
+
+def test_checkpoint_keeps_its_own_prompts(tmp_path):
+    """A model trained with its own system prompt is saved with it (prompts.json) and loads with it; a model
+    with MindOmni's prompts writes no such file, and an unknown key is refused by name."""
+    model = build_tiny_mindomni(0)
+    model.save_pretrained(str(tmp_path / "stock"))
+    assert not (tmp_path / "stock" / "prompts.json").exists()
+    model.system_prompt = "Reason, then answer."
+    model.save_pretrained(str(tmp_path / "own"))
+    assert json.loads((tmp_path / "own" / "prompts.json").read_text()) == {"system_prompt": "Reason, then answer."}
+    loaded = MindOmni.from_pretrained(str(tmp_path / "own"))
+    assert loaded.system_prompt == "Reason, then answer."
+    assert loaded.negative_prompt == build_tiny_mindomni(0).negative_prompt
+    ids = loaded.build_prompts([{"prompt": "a cat"}]).input_ids[0]
+    assert "Reason, then answer." in loaded.tokenizer.decode(ids)
+    (tmp_path / "own" / "prompts.json").write_text(json.dumps({"sytem_prompt": "typo"}))
+    with pytest.raises(ValueError, match="unknown keys \\['sytem_prompt'\\]"):
+        MindOmni.from_pretrained(str(tmp_path / "own"))

@@ -7,6 +7,8 @@
     <path>/image_decoder/model.safetensors   OmniGen-v1 key names (llm.layers.K.self_attn.qkv_proj, x_embedder, ...)
     <path>/vae/                        diffusers AutoencoderKL folder
     <path>/connector.safetensors       0.* projection, 1.* / 2.* Phi-3 layers
+    <path>/prompts.json                optional, rgpo's own: the system prompt, instruction prefix and negative
+                                       prompt, written only when they differ from MindOmni's
 
 The decoder is converted to and from diffusers' ``OmniGenTransformer2DModel`` names on the fly
 (see :mod:`rgpo.models.omnigen`); the connector reuses the decoder's Phi-3 config, as MindOmni does.
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from .connector import MindOmniConnector, phi3_config_from_dict
+from .mindomni import INSTRUCTION_PREFIX, NEGATIVE_PROMPT, SYSTEM_PROMPT
 from .omnigen import decoder_kwargs_from_v1, diffusers_to_omnigen_v1, omnigen_v1_to_diffusers
 
 if TYPE_CHECKING:
@@ -36,6 +39,13 @@ LAYOUT = {
     "image_decoder/model.safetensors": "the OmniGen-v1 decoder weights",
     "vae/config.json": "the diffusers AutoencoderKL folder",
     "connector.safetensors": "the connector weights",
+}
+
+PROMPTS_FILE = "prompts.json"
+PROMPT_ATTRIBUTES = {
+    "system_prompt": SYSTEM_PROMPT,
+    "instruction_prefix": INSTRUCTION_PREFIX,
+    "negative_prompt": NEGATIVE_PROMPT,
 }
 
 
@@ -122,6 +132,15 @@ def load_mindomni(
 
     vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), torch_dtype=torch.float32)
     model = cls(vlm, processor, connector, decoder, vae, dtype=dtype)
+    prompts_file = os.path.join(path, PROMPTS_FILE)
+    if os.path.isfile(prompts_file):
+        with open(prompts_file) as f:
+            prompts = json.load(f)
+        unknown = set(prompts) - set(PROMPT_ATTRIBUTES)
+        if unknown:
+            raise ValueError(f"{prompts_file}: unknown keys {sorted(unknown)}; valid: {list(PROMPT_ATTRIBUTES)}")
+        for key, value in prompts.items():
+            setattr(model, key, value)
     return model.to(device) if device is not None else model
 
 
@@ -149,3 +168,11 @@ def save_mindomni(model: MindOmni, path: str) -> None:
         k: v.detach().contiguous().cpu() for k, v in model.connector.released_state_dict().items()
     }
     save_file(connector_state, os.path.join(path, "connector.safetensors"))
+    # A model trained with its own prompts (the toy world's short system prompt) must be sampled with them.
+    changed = {k: getattr(model, k) for k, default in PROMPT_ATTRIBUTES.items() if getattr(model, k) != default}
+    prompts_file = os.path.join(path, PROMPTS_FILE)
+    if changed:
+        with open(prompts_file, "w") as f:
+            json.dump(changed, f, indent=2)
+    elif os.path.exists(prompts_file):
+        os.remove(prompts_file)

@@ -9,6 +9,7 @@ images of H x W give H*W/256 image tokens as in the real model). No hub access.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -74,8 +75,9 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
-    """Qwen2 byte-level BPE tokenizer: the 256 byte symbols, merges learnt on a built-in corpus, Qwen's specials.
+def build_tiny_tokenizer(vocab_size: int = 512, corpus: Sequence[str] = ()) -> Qwen2Tokenizer:
+    """Qwen2 byte-level BPE tokenizer: the 256 byte symbols, merges learnt on a built-in corpus (plus ``corpus``),
+    Qwen's specials.
 
     Any text round-trips (byte level); the special tokens sit after the BPE vocabulary, as in Qwen.
     """
@@ -92,7 +94,7 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
         show_progress=False,
         min_frequency=1,
     )
-    bpe.train_from_iterator(_CORPUS * 4, trainer)
+    bpe.train_from_iterator(_CORPUS * 4 + list(corpus), trainer)
     model = json.loads(bpe.to_str())["model"]
     vocab = dict(model["vocab"])
     for token in QWEN_SPECIAL_TOKENS:
@@ -237,8 +239,11 @@ def build_tiny_vae(block_out_channels: tuple[int, ...] = (8, 8, 8, 8)) -> Autoen
     )
 
 
-def build_tiny_mindomni(seed: int = 0, dtype: torch.dtype = torch.float32, **sizes: Any) -> MindOmni:
-    """A random tiny MindOmni (all four parts + processor), deterministic in ``seed``.
+def build_tiny_mindomni(
+    seed: int = 0, dtype: torch.dtype = torch.float32, corpus: Sequence[str] = (), **sizes: Any
+) -> MindOmni:
+    """A random tiny MindOmni (all four parts + processor), deterministic in ``seed``; the tokenizer's merges
+    are also learnt on ``corpus``.
 
     ``sizes`` overrides: vlm_hidden, vlm_layers, vlm_heads, vlm_kv_heads, vlm_intermediate, vision_hidden,
     vision_depth, dec_hidden, dec_layers, dec_heads, dec_intermediate, time_step_dim, pos_embed_max_size,
@@ -256,7 +261,7 @@ def build_tiny_mindomni(seed: int = 0, dtype: torch.dtype = torch.float32, **siz
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        processor = build_tiny_processor(build_tiny_tokenizer(sizes.get("vocab_size", 512)))
+        processor = build_tiny_processor(build_tiny_tokenizer(sizes.get("vocab_size", 512), corpus))
         vlm = build_tiny_vlm(
             processor.tokenizer,
             hidden_size=sizes.get("vlm_hidden", 64),
