@@ -369,8 +369,7 @@ class RGPOTrainer:
 
     def _initial_noise(self, global_indices: list[int], groups: list[int]) -> torch.Tensor:
         icfg = self.image_cfg
-        channels = self.model.decoder.config.in_channels
-        shape = (channels, icfg.height // 8, icfg.width // 8)
+        shape = self.model.latent_shape(icfg.height, icfg.width)  # the VAE's own factor (8 real, 4 toy world)
         if icfg.shared_noise:
             # MindOmni: the same seed for every rollout, so in-group reward differences come only from the text.
             base = torch.randn(shape, generator=torch.Generator().manual_seed(icfg.seed))
@@ -458,7 +457,7 @@ class RGPOTrainer:
         gen = torch.Generator().manual_seed(_mix(self.cfg.seed, self.step, self.rank, idx[0]))
         n = cond.shape[0]
         icfg = self.image_cfg
-        shape = (self.model.decoder.config.in_channels, icfg.height // 8, icfg.width // 8)
+        shape = self.model.latent_shape(icfg.height, icfg.width)
         noise = torch.randn((n * K, *shape), generator=gen).to(self.device, self._decoder_dtype())
         t = torch.randint(0, IMAGE_KL_GRID, (n * K,), generator=gen).float().div(IMAGE_KL_GRID - 1).to(self.device)
         want_features = lc.image_regularizer == "feature_kl"

@@ -504,7 +504,7 @@ class BarePieces:
         K = lc.image_kl_timesteps
         g = torch.Generator().manual_seed(gen_seed)
         rows_ = out.condition.shape[0] * K
-        shape = (model.decoder.config.in_channels, icfg.height // 8, icfg.width // 8)
+        shape = model.latent_shape(icfg.height, icfg.width)
         noise = torch.randn((rows_, *shape), generator=g).to(device, model.dtype)
         t = torch.randint(0, IMAGE_KL_GRID, (rows_,), generator=g).float().div(IMAGE_KL_GRID - 1).to(device)
         want = lc.image_regularizer == "feature_kl"

@@ -264,6 +264,10 @@ class UnifiedModel(torch.nn.Module):
         ``v = v_neg + g (v_cond - v_neg)``. The image policy gradient recomputes its SDE log-probs with it."""
         raise NotImplementedError
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the decoder's latents for an image of ``height`` x ``width`` pixels."""
+        raise NotImplementedError
+
     def initial_noise(self, num: int, group_size: int, cfg: ImageSamplingConfig, device=None) -> torch.Tensor:
         """Seeded initial latents (num, C, h, w); shared within each group of ``group_size`` when
         ``cfg.shared_noise``."""
