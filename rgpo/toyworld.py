@@ -5,8 +5,12 @@ shape through a small sum (its number of corners: 0 circle, 3 triangle, 4 square
 object of that colour. The correct description (``gt_prompt``) is known, so the reasoning of a chain can be
 graded exactly, and its image can be compared with the truth by a CLIP trained on the world's pictures.
 
-Colour x shape pairs are split: 12 pairs train, 6 are held out, so held-out prompts test whether the policy
-reasons (each colour and each shape is seen in training, never the pair), not whether it recalls.
+The split is by (sum, colour clue) combination: a third of the combinations are held out, so a held-out prompt
+was never seen in training, while each of its parts was, in other prompts, with every colour and every shape.
+A policy can answer a held-out prompt only by working out each part (recall of whole prompts fails), and no
+part predicts the other in training, so there is no shortcut for RL to exploit either: holding out whole
+colour x shape pairs instead lets a policy learn "red things are never circles" from the training prompts,
+which RL then amplifies at the expense of the held-out pairs.
 
 Everything here is plain Python and PIL; the models of the world are built by ``scripts/build_toy_world.py``
 and evaluated by :func:`evaluate` (``scripts/eval_toy.py``, ``rgpo demo``).
@@ -69,16 +73,12 @@ TEMPLATES: tuple[str, ...] = (
     "draw a shape that has ({expr}) corners and the colour of {clue}",
     "the colour of {clue}, on a shape with ({expr}) corners",
 )
-# One pair per colour, each shape twice: every colour and every shape still appears in the training pairs.
-HELD_OUT: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("red", "circle"),
-        ("orange", "triangle"),
-        ("yellow", "square"),
-        ("green", "circle"),
-        ("blue", "triangle"),
-        ("purple", "square"),
-    }
+_ALL_EXPRESSIONS = [e for n in sorted(EXPRESSIONS) for e in EXPRESSIONS[n]]
+_ALL_CLUES = [c for clues in COLOUR_CLUES.values() for c in clues]
+# Latin-square split: (sum i, clue j) is held out when (i + j) % 3 == 0. Each sum keeps two of the three clues
+# of every colour in training, and each clue keeps two thirds of the sums, covering every shape.
+HELD_OUT: frozenset[tuple[tuple[int, str, int], str]] = frozenset(
+    (e, c) for i, e in enumerate(_ALL_EXPRESSIONS) for j, c in enumerate(_ALL_CLUES) if (i + j) % 3 == 0
 )
 _SHAPE_OF = {n: s for s, n in CORNERS.items()}
 # The world's model is sampled with short prompts of its own (saved in its checkpoint's prompts.json): MindOmni's
@@ -104,7 +104,7 @@ class ToyPrompt:
 
     @property
     def split(self) -> str:
-        return "heldout" if (self.colour, self.shape) in HELD_OUT else "train"
+        return "heldout" if (self.expression, self.clue) in HELD_OUT else "train"
 
     def row(self) -> dict[str, Any]:
         """The JSONL row: ``prompt`` and ``gt_prompt`` as in MindOmni's data, plus the world's labels."""
@@ -127,11 +127,11 @@ def prompts(split: str) -> list[ToyPrompt]:
     out = []
     for colour, clues in COLOUR_CLUES.items():
         for shape, corners in CORNERS.items():
-            held = (colour, shape) in HELD_OUT
-            if (split == "train" and held) or (split == "heldout" and not held):
-                continue
             for clue in clues:
                 for expr in EXPRESSIONS[corners]:
+                    held = (expr, clue) in HELD_OUT
+                    if (split == "train" and held) or (split == "heldout" and not held):
+                        continue
                     for template in TEMPLATES:
                         text = template.format(expr=_expr_text(expr), clue=clue)
                         out.append(ToyPrompt(text, colour, shape, clue, expr))

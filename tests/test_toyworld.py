@@ -14,22 +14,24 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "rgpo" / "assets" / "toyworld"
 
 
-def test_held_out_pairs_are_never_in_training_but_their_parts_are():
+def test_held_out_prompts_are_never_in_training_but_their_parts_are_with_every_answer():
     train, held = world.prompts("train"), world.prompts("heldout")
-    train_pairs = {(p.colour, p.shape) for p in train}
-    held_pairs = {(p.colour, p.shape) for p in held}
-    assert held_pairs == set(world.HELD_OUT) and not train_pairs & held_pairs
-    assert len(train_pairs) == 12 and len(held_pairs) == 6
-    # every colour and every shape, every clue and every sum is seen in training
-    assert {c for c, _ in train_pairs} == set(world.COLOURS) and {s for _, s in train_pairs} == set(world.SHAPES)
-    assert {p.clue for p in train} == {c for clues in world.COLOUR_CLUES.values() for c in clues}
-    assert {p.expression for p in train} == {e for es in world.EXPRESSIONS.values() for e in es}
-    assert len(set(p.prompt for p in train + held)) == len(train) + len(held)
+    assert {(p.expression, p.clue) for p in held} == set(world.HELD_OUT)
+    assert not {(p.expression, p.clue) for p in train} & set(world.HELD_OUT)
+    assert not {p.prompt for p in train} & {p.prompt for p in held}
+    assert len(held) * 2 == len(train)  # a third held out
+    # every sum and every clue is seen in training, and no part predicts the other there: each clue comes with
+    # every shape and each sum with every colour (no "red things are never circles" shortcut)
+    assert {(p.clue, p.shape) for p in train} == {(c, s) for cs in world.COLOUR_CLUES.values() for c in cs
+                                                 for s in world.SHAPES}
+    assert {(p.expression, p.colour) for p in train} == {(e, c) for es in world.EXPRESSIONS.values() for e in es
+                                                        for c in world.COLOURS}
+    assert {(p.colour, p.shape) for p in held} == {(c, s) for c in world.COLOURS for s in world.SHAPES}
     assert all(p.split == "heldout" for p in held) and all(p.split == "train" for p in train)
 
 
 def test_sums_and_clues_determine_the_answer():
-    p = next(q for q in world.prompts("train") if q.clue == "a ripe banana" and q.expression == (1, "+", 2))
+    p = next(q for q in world.prompts("all") if q.clue == "a ripe banana" and q.expression == (1, "+", 2))
     assert p.gt_prompt == "a yellow triangle"
     assert "(1 + 2) corners" in p.prompt and "a ripe banana" in p.prompt
     for q in world.prompts("all"):
@@ -40,7 +42,7 @@ def test_sums_and_clues_determine_the_answer():
 
 
 def test_grade_accepts_exactly_the_right_pair():
-    p = next(q for q in world.prompts("heldout") if (q.colour, q.shape) == ("blue", "triangle"))
+    p = next(q for q in world.prompts("all") if (q.colour, q.shape) == ("blue", "triangle"))
     assert world.grade(world.chain(p), "blue", "triangle")
     assert not world.grade(world.chain(p, colour="red"), "blue", "triangle")
     assert not world.grade(world.chain(p, corners=4), "blue", "triangle")
@@ -81,7 +83,7 @@ def test_shipped_world_matches_the_builder_and_loads():
     size = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
     assert size < 20 * 2**20, f"toy world artifacts are {size / 2**20:.1f} MiB"
     rows = [json.loads(line) for line in (ASSETS / "heldout.jsonl").read_text().splitlines()]
-    assert {(r["colour"], r["shape"]) for r in rows} == set(world.HELD_OUT)
+    assert [r["prompt"] for r in rows] == [p.prompt for p in world.prompts("heldout")]
     assert all(r["gt_prompt"] == f"a {r['colour']} {r['shape']}" for r in rows)
     assert build["clip"]["top1_accuracy"] > 0.9
 
@@ -90,6 +92,24 @@ def test_shipped_world_matches_the_builder_and_loads():
     model = MindOmni.from_pretrained(str(ASSETS / "model"))
     assert model.system_prompt == world.SYSTEM_PROMPT  # the world's own prompts travel with the checkpoint
     assert model.latent_shape(32, 32) == (4, 8, 8)
+
+
+def test_rollout_images_have_the_configured_size_with_the_worlds_factor_4_vae(tmp_path):
+    """The world's VAE downsamples by 4 (not the real model's 8): rollout noise must follow the model's own
+    latent shape, or the decoder would sample 16x16 pictures where 32x32 were asked for."""
+    from rgpo.config import load_config
+    from rgpo.tracking import PhaseTimer
+    from rgpo.trainer import RGPOTrainer
+
+    cfg = load_config(str(ROOT / "configs" / "toy_world.yaml"), [
+        f"logging.output_dir={tmp_path}", "logging.mode=disabled", "logging.progress_bar=false",
+        "rollout.batch_size=8", "rollout.num_generations=4", "optim.micro_batch_size=8"])
+    trainer = RGPOTrainer(cfg)
+    try:
+        rollout = trainer.rollout(trainer.sampler.next_step(), PhaseTimer())
+    finally:
+        trainer.close()
+    assert [im.size for im in rollout.images] == [(32, 32)] * 8
 
 
 @pytest.mark.slow
