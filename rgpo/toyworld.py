@@ -9,8 +9,8 @@ The split is by (sum, colour clue) combination: a third of the combinations are 
 was never seen in training, while each of its parts was, in other prompts, with every colour and every shape.
 A policy can answer a held-out prompt only by working out each part (recall of whole prompts fails), and no
 part predicts the other in training, so there is no shortcut for RL to exploit either: holding out whole
-colour x shape pairs instead lets a policy learn "red things are never circles" from the training prompts,
-which RL then amplifies at the expense of the held-out pairs.
+colour x shape pairs instead would let a policy learn "red things are never circles" from the training
+prompts, which RL could amplify at the expense of the held-out pairs.
 
 Everything here is plain Python and PIL; the models of the world are built by ``scripts/build_toy_world.py``
 and evaluated by :func:`evaluate` (``scripts/eval_toy.py``, ``rgpo demo``).
