@@ -6,7 +6,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-__all__ = ["COLORS", "SHAPES", "draw_shape", "shape_captions", "synthetic_shapes"]
+__all__ = ["COLORS", "SHAPES", "draw_shape", "paint_shape", "shape_captions", "synthetic_shapes"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -26,20 +26,37 @@ def draw_shape(color: str, shape: str, rng: random.Random, size: int = 64) -> Im
     """One ``size`` x ``size`` RGB image: the shape, jittered in position, size and tint, on a light background."""
     if color not in COLORS or shape not in SHAPES:
         raise ValueError(f"color must be one of {list(COLORS)} and shape one of {list(SHAPES)}; got {color!r}, {shape!r}")
-    grey = rng.randint(200, 250)
-    image = Image.new("RGB", (size, size), (grey, grey, grey))
+    return paint_shape(COLORS[color], shape, rng, size)
+
+
+def paint_shape(
+    rgb: tuple[int, int, int],
+    shape: str,
+    rng: random.Random,
+    size: int,
+    *,
+    grey: tuple[int, int] = (200, 250),
+    scale: tuple[float, float] = (0.22, 0.34),
+    tint: int = 20,
+) -> Image.Image:
+    """A circle, square or triangle of colour ``rgb`` (each channel jittered by up to ``tint``), half-width a
+    ``scale`` fraction of ``size``, anywhere it fits, on a background grey drawn from ``grey``."""
+    level = rng.randint(*grey)
+    image = Image.new("RGB", (size, size), (level, level, level))
     draw = ImageDraw.Draw(image)
-    half = rng.uniform(0.22, 0.34) * size
+    half = rng.uniform(*scale) * size
     cx = rng.uniform(half + 1, size - half - 1)
     cy = rng.uniform(half + 1, size - half - 1)
-    fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLORS[color])
+    fill = tuple(min(255, max(0, v + rng.randint(-tint, tint))) for v in rgb)
     box = (cx - half, cy - half, cx + half, cy + half)
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
         draw.rectangle(box, fill=fill)
-    else:
+    elif shape == "triangle":
         draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    else:
+        raise ValueError(f"shape must be circle, square or triangle; got {shape!r}")
     return image
 
 

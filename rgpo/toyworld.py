@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 __all__ = [
     "COLOURS",
@@ -191,21 +191,9 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = 32) -> Image.I
     if colour not in COLOURS or shape not in CORNERS:
         raise ValueError(f"colour must be one of {list(COLOURS)} and shape one of {list(SHAPES)}; "
                          f"got {colour!r}, {shape!r}")
-    grey = rng.randint(205, 245)
-    image = Image.new("RGB", (size, size), (grey, grey, grey))
-    pen = ImageDraw.Draw(image)
-    half = rng.uniform(0.26, 0.36) * size
-    cx = rng.uniform(half + 1, size - half - 1)
-    cy = rng.uniform(half + 1, size - half - 1)
-    fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLOURS[colour])
-    box = (cx - half, cy - half, cx + half, cy + half)
-    if shape == "circle":
-        pen.ellipse(box, fill=fill)
-    elif shape == "square":
-        pen.rectangle(box, fill=fill)
-    else:
-        pen.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
-    return image
+    from rewards.shapes import paint_shape
+
+    return paint_shape(COLOURS[colour], shape, rng, size, grey=(205, 245), scale=(0.26, 0.36), tint=15)
 
 
 def pictures(per_pair: int, seed: int, size: int = 32) -> tuple[list[Image.Image], list[str]]:

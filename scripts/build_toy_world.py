@@ -55,6 +55,14 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
     )
 
 
+def _optimizer_step(loss: torch.Tensor, optimizer, schedule, params, max_norm: float = 1.0) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    schedule.step()
+
+
 def _pixels(images) -> torch.Tensor:
     import numpy as np
 
@@ -113,11 +121,7 @@ def sft_vlm(model: MindOmni, steps: int, batch: int, seed: int, log) -> dict:
         logps = model.forward_text(prompts, completions, with_condition=False).logps
         mask = completions.completion_mask.float()
         loss = -(logps * mask).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        _optimizer_step(loss, optimizer, schedule, params)
         if step % 100 == 0 or step == steps - 1:
             log(f"sft step {step}: loss {loss.item():.4f}")
     vlm.eval()
@@ -190,11 +194,7 @@ def train_decoder(model: MindOmni, steps: int, batch: int, seed: int, log) -> di
         xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
         velocity = model.decode_step(model.connect(cond, mask), mask, xt, t).velocity
         loss = F.mse_loss(velocity.float(), x1 - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        _optimizer_step(loss, optimizer, schedule, params)
         if step % 100 == 0 or step == steps - 1:
             log(f"decoder step {step}: flow loss {loss.item():.4f}")
     model.connector.eval()
