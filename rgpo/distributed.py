@@ -19,10 +19,15 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:  # a lone process: any free port, so it never collides with a job
+        own_port = "MASTER_PORT" not in os.environ
+        if own_port:  # a lone process: any free port, so it never collides with a job
             os.environ["MASTER_PORT"] = str(free_port())
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         deepspeed.init_distributed(dist_backend=backend)
+        if own_port:
+            # The rendezvous is done and this process now holds the port: a child process (a launcher, a run
+            # started from a notebook or a test) must not inherit it and try to listen on it again.
+            del os.environ["MASTER_PORT"]
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
