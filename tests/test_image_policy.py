@@ -2,19 +2,15 @@
 hand, the exact on-policy ratio, what the image loss trains (decoder LoRA, not the VLM unless asked), the config
 checks, and DeepSpeed 2-rank ZeRO-2 / ZeRO-3 runs of the mode."""
 
-import json
 import math
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from two_ranks import launch_two_ranks
 
 from rgpo.config import ConfigError, load_config
-from rgpo.distributed import free_port
 from rgpo.image_policy import ImagePolicy, ImageRollout, chain_rewards, image_policy_active, image_policy_loss
 from rgpo.losses import group_advantages
 from rgpo.models import ImageSamplingConfig
@@ -234,14 +230,7 @@ def test_several_euler_images_per_chain_average_the_chain_reward(tmp_path):
 
 # ------------------------------------------------------------------------------------ DeepSpeed, 2 ranks
 def _launch(tmp_path, *overrides):
-    result = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    script = str(TESTS / "launch_train.py")
-    args = [str(result), f"logging.output_dir={tmp_path / 'run'}", "logging.mode=disabled", SIGNAL, *overrides]
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(result.read_text())
+    return launch_two_ranks(tmp_path, SIGNAL, *overrides)
 
 
 @pytest.mark.distributed

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_models import random_condition
 from torch.distributions import Normal, kl_divergence
 
 from rgpo import sde
@@ -247,15 +248,6 @@ def test_per_row_generators_make_a_rows_noise_independent_of_the_batch():
 @pytest.fixture(scope="module")
 def model():
     return build_tiny_mindomni(seed=0).eval()
-
-
-def random_condition(model, lengths: list[int], seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    length = max(lengths)
-    hidden = model.hf_vlm().config.text_config.hidden_size
-    states = torch.randn(len(lengths), length, hidden, generator=gen)
-    mask = torch.tensor([[0] * (length - n) + [1] * n for n in lengths])
-    return states * mask[..., None], mask
 
 
 def embeds_and_negative(model, lengths=(6, 9)):

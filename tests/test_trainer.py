@@ -4,15 +4,12 @@ ZeRO-2 and ZeRO-3."""
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from two_ranks import launch_two_ranks
 
 from rgpo.config import load_config
 from rgpo.distributed import free_port
@@ -151,17 +148,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 # ------------------------------------------------------------------------------------ DeepSpeed, 2 ranks
 def _launch(tmp_path, *overrides, launcher="deepspeed"):
-    result = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    script = str(REPO / "tests" / "launch_train.py")
-    args = [str(result), f"logging.output_dir={tmp_path / 'run'}", "logging.mode=disabled", SIGNAL, *overrides]
-    if launcher == "deepspeed":
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(result.read_text())
+    return launch_two_ranks(tmp_path, SIGNAL, *overrides, launcher=launcher)
 
 
 @pytest.mark.distributed
