@@ -113,8 +113,6 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 
 def run_demo(config: str | None = None, overrides: list[str] | None = None, *, eval_prompts: int = 64,
              samples_per_prompt: int = 4, eval_seed: int = 0) -> dict[str, Any]:
-    import torch
-
     from rgpo.cli import load_trained
     from rgpo.config import load_config
     from rgpo.trainer import RGPOTrainer, build_model
@@ -137,7 +135,6 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, e
     model, _ = load_trained(str(latest_checkpoint(out)))
     after = evaluate_model(model, cfg, eval_prompts, samples_per_prompt, eval_seed)
     seconds = time.perf_counter() - start
-    torch.set_grad_enabled(True)
 
     figures = {"before": before.figures(), "after": after.figures()}
     report = {"config": config or default_config(), "overrides": overrides or [], "eval_prompts": eval_prompts,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rgpo import toyworld as world  # noqa: E402
-from rgpo.models.mindomni import MindOmni  # noqa: E402
+from rgpo.models.mindomni import MindOmni, cat_left_padded  # noqa: E402
 from rgpo.models.tiny import build_tiny_mindomni  # noqa: E402
 
 SIZES = dict(
@@ -155,16 +155,6 @@ def _conditions(model: MindOmni, rows, texts) -> list[tuple[torch.Tensor, torch.
     return out
 
 
-def _left_pad(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(s.shape[0] for s in states)
-    padded = torch.zeros(len(states), length, states[0].shape[-1])
-    mask = torch.zeros(len(states), length, dtype=torch.long)
-    for i, s in enumerate(states):
-        padded[i, length - s.shape[0] :] = s
-        mask[i, length - s.shape[0] :] = 1
-    return padded, mask
-
-
 def train_decoder(model: MindOmni, steps: int, batch: int, seed: int, log) -> dict:
     rows, texts, answers = _decoder_conversations(4096, seed)
     states = _conditions(model, rows, texts)
@@ -186,7 +176,8 @@ def train_decoder(model: MindOmni, steps: int, batch: int, seed: int, log) -> di
     model.decoder.train()
     for step in range(steps):
         pick = torch.randint(len(rows), (batch,), generator=gen).tolist()
-        cond, mask = _left_pad([states[i] for i in pick])
+        cond, mask = cat_left_padded([states[i][None] for i in pick],
+                                     [torch.ones(1, len(states[i]), dtype=torch.long) for i in pick])
         x1 = torch.stack([latents[by_pair[answers[i]][torch.randint(len(by_pair[answers[i]]), (1,), generator=gen)]][0]
                           for i in pick])
         x0 = torch.randn(x1.shape, generator=gen)
