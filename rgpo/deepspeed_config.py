@@ -47,6 +47,12 @@ def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: i
         "optimizer.params.weight_decay": cfg.optim.weight_decay,
         # DeepSpeed's fused Adam needs a CUDA build; on CPU (tests, laptops) use torch's AdamW.
         "optimizer.params.torch_adam": not torch.cuda.is_available(),
+        # Overlapping the gradient reduction with the backward, and copying gradients into one contiguous buffer,
+        # pay off on GPUs (side streams; less fragmentation). DeepSpeed's CPU accelerator has no streams, so on a
+        # CPU both only add copies and bookkeeping to every micro-batch's backward (about 3 ms of a 45 ms update
+        # on the tiny model, measured by scripts/bench.py).
+        "zero_optimization.overlap_comm": torch.cuda.is_available(),
+        "zero_optimization.contiguous_gradients": torch.cuda.is_available(),
         "zero_optimization.reduce_bucket_size": hidden * hidden,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,

@@ -35,6 +35,7 @@ from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
 from rgpo.image_policy import ImagePolicy, image_policy_active
 from rgpo.losses import feature_kl, group_advantages, policy_loss, velocity_mse
 from rgpo.models.base import Completions, ImageSamplingConfig, PromptBatch, UnifiedModel
+from rgpo.modes import TrainModeSwitch
 from rgpo.tracking import MetricsHistory, NullLogger, PhaseTimer, WandbLogger
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -213,6 +214,8 @@ class RGPOTrainer:
         self.image_cfg = ImageSamplingConfig(**{k: getattr(cfg.rollout.image, k) for k in (
             "height", "width", "steps", "guidance_scale", "seed", "shared_noise")})
         self.image_policy = ImagePolicy(self) if image_policy_active(cfg) else None  # N x M images, image PG
+        # train()/eval() without walking the module tree each time (the tree is final from here on)
+        self.set_training = TrainModeSwitch(self.model)
         self._stop_requested = False
         run_id = self._load_resume(resume_from, resume_state) if resume_from is not None else None
         self.logger = logger or self._make_logger(run_id)
@@ -313,7 +316,7 @@ class RGPOTrainer:
     @torch.no_grad()
     def rollout(self, slots, timer: PhaseTimer) -> Rollout:
         cfg, model = self.cfg, self.model
-        self.engine.eval()
+        self.set_training(False)
         rows = [self.train_rows[s.prompt_index] for s in slots]
         with self.gathered():
             with timer("rollout/text"):
@@ -399,7 +402,7 @@ class RGPOTrainer:
         ``engine.step()`` follows every backward; DeepSpeed applies the update at the accumulation boundary, and
         its ZeRO optimizer skips it when the gradient norm is NaN/inf, which ``was_step_applied`` reports."""
         cfg = self.cfg
-        self.engine.train()
+        self.set_training(True)
         n = len(rollout.rows)
         mb = cfg.optim.micro_batch_size
         sums: dict[str, float] = {}
@@ -561,7 +564,7 @@ class RGPOTrainer:
         """Mean of each reward over held-out prompts (one chain each), images logged on rank 0."""
         rows = rows or self.eval_rows[: self.cfg.eval.num_prompts]
         mine = rows[self.rank :: self.world]
-        self.engine.eval()
+        self.set_training(False)
         results = {}
         if mine:
             with self.gathered():

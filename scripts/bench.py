@@ -19,11 +19,12 @@ markdown report and a JSON file under ``--out``:
    an rgpo step (the step-time ratio that a change of machine load cannot skew).
 4. **Trainer overhead**: the rgpo step minus the same work done by bare model calls (``generate``, the no-grad
    policy/reference forwards, ``sample_latents`` + ``decode_latents``, and forward/backward/AdamW of the update)
-   on a plain (non-DeepSpeed) copy of the same model, one bare iteration right after each trainer step; for the
-   full step and for the text-only step.
+   on a plain (non-DeepSpeed) copy of the same model, one bare iteration right after each trainer step, on that
+   step's prompts; for the full step and for the text-only step.
 5. **Optimisations, each on vs off**: prompt prefill shared by the G chains, the trimmed decoding loop, log-probs
    and condition from one chunked forward, the decoder's condition KV cache, batched guidance, batched policy /
-   reference image-KL runs, K sampled image-KL timesteps vs all, ZeRO-3 gather once per rollout phase; alternating
+   reference image-KL runs, K sampled image-KL timesteps vs all, the flattened train/eval switch, ZeRO-3 gather
+   once per rollout phase; alternating
    on/off in one process, each naive path checked to compute the same result.
 
 Every measured configuration runs in a subprocess of its own (several side by side only where said above), one
@@ -372,7 +373,7 @@ def run_rgpo(spec: dict[str, Any]) -> dict[str, Any]:
         for i in range(spec["warmup"] + spec["steps"]):
             steps.append(_measure_step(trainer, timer_cls, i < spec["warmup"], base_rss))
             if bare is not None:
-                bare.iteration(i)
+                bare.iteration(i, trainer._last_rollout.rows)
         result = _summarise(steps)
         result.update({
             "label": spec["label"],
@@ -517,7 +518,9 @@ class BarePieces:
             return feature_kl(pol_out.features, ref_out.features, tau=lc.image_kl_tau).mean()
         return velocity_mse(pol_out.velocity, ref_out.velocity).mean()
 
-    def iteration(self, it: int) -> None:
+    def iteration(self, it: int, rows=None) -> None:
+        """One bare step on ``rows`` (the trainer step's chains, G per prompt, grouped), else on the data's
+        prompts in order. Prompt lengths differ, so the same prompts as the trainer's step make it the same work."""
         import torch
 
         from rgpo.losses import policy_loss
@@ -534,11 +537,14 @@ class BarePieces:
         # num_iterations > 1, the old log-probs; the reference's, beta > 0 or the image KL.
         need_policy = images_on or lc.num_iterations > 1
         need_ref = lc.beta > 0 or image_term
-        chosen = [self.rows[(it * P + j) % len(self.rows)].as_model_row() for j in range(P)]
+        if rows is not None:
+            chosen = [row.as_model_row() for row in rows[::G]]
+        else:
+            chosen = [self.rows[(it * P + j) % len(self.rows)].as_model_row() for j in range(P)]
         gen = torch.Generator().manual_seed(1000 + it)
         rec: dict[str, float] = {"images_s": 0.0}
-        model.eval()
         with self._clock(rec, "generate_s"), torch.no_grad():
+            model.eval()  # the mode switches count, as in the trainer: eval here, train() in the update
             prompts = model.build_prompts(chosen).to(device)
             comps = model.generate(prompts, num_generations=G, max_new_tokens=cfg.rollout.max_new_tokens,
                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -1139,11 +1145,65 @@ def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
             f"(forward + backward, {n} chains)", f"K={K}", f"all {reps_all}", m,
             "the sampled timestep's KL equals that entry of the full sweep")
 
-        # 6. ZeRO-3: parameters gathered once for the rollout phase vs fetched by every forward (per token).
+        # 6. the train/eval switch of every step: the flattened TrainModeSwitch vs Module.train's tree walk
+        from rgpo.modes import TrainModeSwitch
+
+        switch = TrainModeSwitch(model)
+
+        def flip(fast: bool):
+            for mode in (True, False):
+                switch(mode) if fast else model.train(mode)
+            return {name: mod.training for name, mod in model.named_modules()}
+
+        m = _alternate({"on": lambda: flip(True), "off": lambda: flip(False)}, max(rounds, 20), sync)
+        assert m["on"]["result"] == m["off"]["result"]
+        row(f"train + eval switch ({switch.num_modules} modules): flattened once vs `Module.train` walk",
+            "TrainModeSwitch", "model.train() / model.eval()", m, "every module's training flag identical")
+
+        # 7. ZeRO-2 on a CPU: gradient overlap and contiguous buffers off (rgpo's "auto") vs on
+        if not cuda:
+            _zero2_flags_ablation(spec, Path(tmp), rounds, sync, row)
+
+        # 8. ZeRO-3: parameters gathered once for the rollout phase vs fetched by every forward (per token).
         #    Last: a ZeRO-3 trainer leaves transformers' global DeepSpeed config set in this process.
         if spec.get("zero3", True):
             _zero3_ablation(spec, Path(tmp), rounds, sync, row)
     return {"label": spec["label"], "kind": "ablations", "rows": rows_out, "rounds": rounds}
+
+
+def _zero2_flags_ablation(spec, tmp: Path, rounds, sync, row) -> None:
+    """The text-only update under ZeRO-2 with ``overlap_comm`` / ``contiguous_gradients`` as rgpo fills their
+    ``auto`` on a CPU (off) vs on: two trainers built from the same seed, each updated alternately on the same
+    rollout and advantages, so they must end with the same weights."""
+    import torch
+
+    from rgpo.tracking import PhaseTimer
+    from rgpo.trainer import RGPOTrainer, trainable_parameters
+
+    raw = json.loads((REPO / "configs" / "zero2.json").read_text())
+    raw["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
+    path = tmp / "zero2_overlap_contiguous.json"
+    path.write_text(json.dumps(raw))
+    text = [*spec["overrides"], "rollout.image.enabled=false", "rewards.functions=[format]"]
+    trainers = {}
+    for name, extra in (("on", []), ("off", [f"deepspeed.config={path}"])):
+        torch.manual_seed(0)
+        trainers[name] = RGPOTrainer(_rgpo_config({**spec, "overrides": [*text, *extra]}, str(tmp / f"zero2_{name}")))
+        if spec.get("ban_eos", True):
+            _ban_eos(trainers[name].model)
+    first = trainers["on"]
+    rollout = first.rollout(first.sampler.next_step(), PhaseTimer())
+    advantages = torch.linspace(-1, 1, len(rollout.rows))
+    m = _alternate({k: (lambda t=t: t.update(rollout, advantages)) for k, t in trainers.items()}, rounds, sync)
+    weights = {k: trainable_parameters(t.model) for k, t in trainers.items()}
+    for key, value in weights["on"].items():
+        torch.testing.assert_close(value, weights["off"][key], atol=1e-6, rtol=1e-5)
+    mb = trainers["on"].cfg.optim.micro_batch_size
+    row(f"ZeRO-2 update on a CPU ({len(rollout.rows)} chains in micro-batches of {mb}): overlap_comm and "
+        "contiguous_gradients off", "off (rgpo's auto on a CPU)", "on (DeepSpeed's usual GPU setting)", m,
+        "identical trainable weights after the same updates")
+    for t in trainers.values():
+        t.close()
 
 
 def _zero3_ablation(spec, tmp: Path, rounds, sync, row) -> None:
@@ -1298,10 +1358,10 @@ def _overhead_lines(report: dict[str, Any]) -> list[str]:
         cases.append(("text-only step", "overhead_text", text))
     if not cases:
         return []
-    pieces = [("generate (`build_prompts` + `model.generate`)", "generate_s", "rollout/text"),
+    pieces = [("generate (`model.eval()` + `build_prompts` + `model.generate`)", "generate_s", "rollout/text"),
               ("no-grad forwards (policy when needed + reference `forward_text`)", "forward_nograd_s", "rollout/forward"),
               ("images (`connect` + `sample_latents` + `decode_latents`)", "images_s", "rollout/images"),
-              ("update (forward_text + image KL + backward + AdamW)", "update_s", "update")]
+              ("update (`model.train()` + forward_text + image KL + backward + AdamW)", "update_s", "update")]
     head = "| piece | " + " | ".join(f"{name}: bare | {name}: in the trainer" for name, _, _ in cases) + " |"
     lines = ["", "## Trainer overhead (rgpo step vs the same work as bare model calls)", "", head,
              "| --- |" + " ---: | ---: |" * len(cases)]
@@ -1334,8 +1394,8 @@ def _overhead_lines(report: dict[str, Any]) -> list[str]:
                      f"{report[key]['fastest_overhead_pct']:.1f} %)")
     lines.append("Trainer overhead (step minus the bare pieces): " + "; ".join(notes) + ". The bare pieces run on a "
                  "plain, non-DeepSpeed copy of the same model with torch AdamW, one bare iteration right after each "
-                 "trainer step in the same process (so both see the same machine load); medians over the measured "
-                 "steps.")
+                 "trainer step on that step's prompts, in the same process (so both see the same machine load); "
+                 "medians over the measured steps.")
     return lines
 
 

@@ -1,5 +1,6 @@
 """The config tree: defaults as released, strict loading, errors that name key, value, place and reason."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,35 @@ def test_shipped_configs_load_and_validate(name):
     cfg = load_config(REPO / "configs" / name)
     world = {"mindomni_rgpo.yaml": 8, "mindomni_rgpo_zero3.yaml": 8}.get(name, 1)
     cfg.validate(world_size=world)
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_deepspeed_auto_values_come_from_the_run_config(name):
+    import torch
+
+    from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"deepspeed.config={REPO / 'configs' / name}", "rollout.batch_size=16", "optim.micro_batch_size=2",
+        "optim.lr=3e-4", "optim.max_grad_norm=0.5", "model.dtype=bfloat16"])
+    ds = build_deepspeed_config(cfg, world_size=2, zero_hidden_size=64)
+    # 16 chains over 2 ranks = 8 per rank = 4 micro-batches of 2, accumulated into one optimizer step.
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 16)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["lr"] == 3e-4
+    zero = ds["zero_optimization"]
+    if name != "zero2.json":  # ZeRO-3's buckets follow the model's hidden size (zero2.json sets its own)
+        assert zero["reduce_bucket_size"] == 64 * 64 and zero["stage3_param_persistence_threshold"] == 640
+    # Overlap and contiguous gradient buffers only help with GPU streams; on a CPU they are switched off.
+    assert zero["overlap_comm"] is zero["contiguous_gradients"] is torch.cuda.is_available()
+    assert "auto" not in json.dumps(ds)
+    assert zero_stage(ds) == (2 if name == "zero2.json" else 3)
+
+
+def test_deepspeed_unknown_auto_key_is_named(tmp_path):
+    from rgpo.deepspeed_config import build_deepspeed_config
+
+    path = write(tmp_path, json.dumps({"zero_optimization": {"stage": 2, "round_robin_gradients": "auto"}}), "ds.json")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed.config={path}"])
+    with pytest.raises(ConfigError, match="zero_optimization.round_robin_gradients"):
+        build_deepspeed_config(cfg, world_size=1)
