@@ -34,7 +34,8 @@ class ModelConfig:
     """Unified-model family (see ``rgpo.models.MODEL_FAMILIES``)."""
     path: str | None = None
     """Checkpoint folder in the family's released layout (MindOmni: mllm/, image_decoder/, vae/,
-    connector.safetensors). ``tiny`` builds a tiny random model in memory (tests, smoke runs)."""
+    connector.safetensors). ``tiny`` builds a tiny random model in memory (tests, smoke runs); ``random:<shape>``
+    random weights in a named shape (``random:mindomni-7b``: the released model's sizes, for benchmarks)."""
     dtype: str = "bfloat16"
     """Weights and compute dtype of the VLM, connector and decoder: bfloat16, float16 or float32. The VAE
     always runs in float32."""

@@ -101,19 +101,48 @@ def draw_images(model: UnifiedModel, condition: torch.Tensor, condition_mask: to
 
 
 # ================================================================================================ model set-up
-def build_model(cfg: RGPOConfig) -> UnifiedModel:
-    """The unified model named by ``cfg.model`` (``path: tiny`` builds a tiny random one in memory)."""
+def build_model(cfg: RGPOConfig, device: torch.device | str | None = None) -> UnifiedModel:
+    """The unified model named by ``cfg.model``: a checkpoint folder, ``tiny`` (a tiny random model built in
+    memory) or ``random:<shape>`` (random weights in a named shape, e.g. ``random:mindomni-7b``, built directly
+    on ``device``)."""
     from rgpo.models import get_model_class
 
     dtype = DTYPES[cfg.model.dtype]
-    if cfg.model.path in (None, "", "tiny"):
+    path = cfg.model.path
+    if path in (None, "", "tiny") or str(path).startswith("random:"):
         if cfg.model.family != "mindomni":
-            raise ValueError(f"model.path=tiny is only available for family 'mindomni', not {cfg.model.family!r}")
-        from rgpo.models.tiny import build_tiny_mindomni
+            raise ValueError(f"model.path={path!r}: random models exist for family 'mindomni' only, not "
+                             f"{cfg.model.family!r}")
+        from rgpo.models.tiny import build_random_mindomni, build_tiny_mindomni
 
-        return build_tiny_mindomni(seed=cfg.seed, dtype=dtype)
+        if path in (None, "", "tiny"):
+            return build_tiny_mindomni(seed=cfg.seed, dtype=dtype)
+        try:
+            return build_random_mindomni(path.split(":", 1)[1], seed=cfg.seed, dtype=dtype, device=device)
+        except ValueError as e:
+            raise ValueError(f"model.path={path!r}: {e}") from None
     cls = get_model_class(cfg.model.family)
     return cls.from_pretrained(cfg.model.path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _float32_weights(model: UnifiedModel) -> dict[str, torch.Tensor]:
+    """CPU copies of the frozen float32 weights of ``model.float32_modules()`` (by full parameter name)."""
+    keep = {}
+    for prefix in model.float32_modules():
+        for name, param in model.get_submodule(prefix).named_parameters():
+            if param.dtype == torch.float32 and not param.requires_grad:
+                keep[f"{prefix}.{name}"] = param.detach().to("cpu", copy=True)
+    return keep
+
+
+def _restore_float32_weights(model: UnifiedModel, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the exact float32 values DeepSpeed's mixed-precision cast rounded (frozen weights only: the
+    optimizer never sees them)."""
+    params = dict(model.named_parameters())
+    for name, value in saved.items():
+        param = params[name]
+        if param.dtype != torch.float32:
+            param.data = value.to(param.device)
 
 
 def apply_trainable(model: UnifiedModel, cfg: RGPOConfig) -> UnifiedModel:
@@ -203,9 +232,11 @@ class RGPOTrainer:
         params = list(trainable_parameters(model).values())
         if not params:
             raise ValueError("nothing to train: every parameter is frozen (check the trainable section)")
+        float32 = _float32_weights(model) if not self.zero3 else {}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        _restore_float32_weights(model, float32)  # bf16/fp16 runs: DeepSpeed cast them with the rest
         ckpt.use_weights_only_loading(self.engine)  # resume reads engine files with weights_only=True
         self.model: UnifiedModel = self.engine.module
         self.step = 0
@@ -225,7 +256,7 @@ class RGPOTrainer:
     # ------------------------------------------------------------------------------------------- set-up helpers
     def _build_under_zero(self, cfg: RGPOConfig, ds_config: dict) -> UnifiedModel:
         if zero_stage(ds_config) != 3:
-            return build_model(cfg)
+            return build_model(cfg, device=self.device)
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 

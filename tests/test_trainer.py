@@ -225,3 +225,23 @@ def test_text_only_under_zero3_in_one_process(tmp_path):
     trainer.train()
     assert trainer.history[0]["kl/text"] == 0.0 and trainer.history[-1]["kl/text"] > 0
     assert all(math.isfinite(row["loss/total"]) for row in trainer.history)
+
+
+def test_bfloat16_run_keeps_the_vae_float32_and_learns(tmp_path):
+    """model.dtype=bfloat16 (the released recipe): DeepSpeed casts every parameter to bf16, the trainer puts the
+    VAE's exact float32 weights back, images are drawn, and the bf16 LoRA moves."""
+    from rgpo.trainer import RGPOTrainer, build_model
+
+    cfg = tiny_cfg(tmp_path, "model.dtype=bfloat16", "optim.max_steps=2", "checkpoint.every=0",
+                   "logging.mode=disabled")
+    fresh = build_model(cfg)
+    trainer = RGPOTrainer(cfg)
+    assert {p.dtype for p in trainer.model.vlm.parameters()} == {torch.bfloat16}
+    for (name, a), b in zip(fresh.vae.named_parameters(), trainer.model.vae.parameters()):
+        assert b.dtype == torch.float32 and torch.equal(a, b.cpu()), name
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert all(im is not None and im.size == (64, 64) for im in trainer._last_rollout.images)
+    assert all(math.isfinite(row["loss/total"]) for row in trainer.history)
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -310,6 +310,11 @@ class UnifiedModel(torch.nn.Module):
             else:
                 yield
 
+    def float32_modules(self) -> list[str]:
+        """Names of submodules whose weights stay float32 whatever the run's dtype (MindOmni: the VAE). DeepSpeed
+        casts every parameter to bf16/fp16; the trainer puts these back afterwards."""
+        return []
+
     def language_model_lora_targets(self) -> list[str]:
         """Module names for the default LoRA (the VLM's language model and lm_head, never the vision tower)."""
         raise NotImplementedError

@@ -564,12 +564,17 @@ class MindOmni(UnifiedModel):
         )
 
     @torch.no_grad()
+    def float32_modules(self) -> list[str]:
+        return ["vae"]
+
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
-        """``latents / scaling_factor`` (no shift) through the fp32 VAE, in batches of ``vae_batch_size``."""
+        """``latents / scaling_factor`` (no shift) through the VAE, in batches of ``vae_batch_size``. The VAE is
+        float32, except under ZeRO-3 in bf16/fp16, whose partitioned parameters all carry the run's dtype."""
         images: list[Image.Image] = []
-        vae_device = next(self.vae.parameters()).device
+        first = next(self.vae.parameters())
         for chunk in latents.split(self.vae_batch_size):
-            pixels = self.vae.decode(chunk.float().to(vae_device) / self.vae.config.scaling_factor).sample
+            z = chunk.to(first.device, torch.float32) / self.vae.config.scaling_factor
+            pixels = self.vae.decode(z.to(first.dtype)).sample.float()
             pixels = (pixels / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
             images += [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
         return images

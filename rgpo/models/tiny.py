@@ -127,15 +127,24 @@ def build_tiny_vlm(
     intermediate_size: int = 128,
     vision_hidden_size: int = 32,
     vision_depth: int = 2,
+    vision_intermediate_size: int | None = None,
+    vision_heads: int = 2,
+    vision_fullatt_blocks: Sequence[int] | None = None,
+    vocab_size: int | None = None,
+    mrope_section: Sequence[int] | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
-    """Random Qwen2.5-VL whose special-token ids match ``tokenizer``; built with ``_from_config`` (ZeRO-3 safe)."""
+    """Random Qwen2.5-VL whose special-token ids match ``tokenizer``; built with ``_from_config`` (ZeRO-3 safe).
+
+    ``vocab_size`` (embedding rows) defaults to the tokenizer's length; a larger one is what released checkpoints
+    carry too (Qwen2.5-VL-7B: 152064 rows for 151665 tokens)."""
     head_dim = hidden_size // num_heads
     half = head_dim // 2
-    mrope = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2, as Qwen requires
+    # sums to head_dim / 2, as Qwen requires (the released 7B uses [16, 24, 24])
+    mrope = list(mrope_section) if mrope_section else [half - 2 * (half // 3), half // 3, half // 3]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size or len(tokenizer),
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
             num_hidden_layers=num_layers,
@@ -151,10 +160,10 @@ def build_tiny_vlm(
         vision_config=dict(
             depth=vision_depth,
             hidden_size=vision_hidden_size,
-            intermediate_size=2 * vision_hidden_size,
-            num_heads=2,
+            intermediate_size=vision_intermediate_size or 2 * vision_hidden_size,
+            num_heads=vision_heads,
             out_hidden_size=hidden_size,
-            fullatt_block_indexes=[vision_depth - 1],
+            fullatt_block_indexes=list(vision_fullatt_blocks or [vision_depth - 1]),
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -222,7 +231,9 @@ def build_tiny_decoder(
     )
 
 
-def build_tiny_vae(block_out_channels: tuple[int, ...] = (8, 8, 8, 8)) -> AutoencoderKL:
+def build_tiny_vae(
+    block_out_channels: tuple[int, ...] = (8, 8, 8, 8), layers_per_block: int = 1, norm_num_groups: int = 4
+) -> AutoencoderKL:
     """Random AutoencoderKL with 4 latent channels and factor 2**(blocks-1) (8 by default), SDXL's scaling."""
     blocks = len(block_out_channels)
     return AutoencoderKL(
@@ -231,9 +242,9 @@ def build_tiny_vae(block_out_channels: tuple[int, ...] = (8, 8, 8, 8)) -> Autoen
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
         block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         latent_channels=4,
-        norm_num_groups=4,
+        norm_num_groups=norm_num_groups,
         sample_size=64,
         scaling_factor=0.13025,
     )
@@ -245,14 +256,17 @@ def build_tiny_mindomni(
     """A random tiny MindOmni (all four parts + processor), deterministic in ``seed``; the tokenizer's merges
     are also learnt on ``corpus``.
 
-    ``sizes`` overrides: vlm_hidden, vlm_layers, vlm_heads, vlm_kv_heads, vlm_intermediate, vision_hidden,
-    vision_depth, dec_hidden, dec_layers, dec_heads, dec_intermediate, time_step_dim, pos_embed_max_size,
-    vae_channels (tuple), vocab_size (tokenizer).
+    ``sizes`` overrides: vlm_hidden, vlm_layers, vlm_heads, vlm_kv_heads, vlm_intermediate, vlm_vocab (embedding
+    rows), mrope_section, vision_hidden, vision_depth, vision_intermediate, vision_heads, vision_fullatt_blocks,
+    dec_hidden, dec_layers, dec_heads, dec_intermediate, dec_vocab, time_step_dim, pos_embed_max_size,
+    vae_channels (tuple), vae_layers_per_block, vae_norm_groups, vocab_size (tokenizer). ``RANDOM_SHAPES`` holds
+    named sets of them.
     """
     known = {
-        "vlm_hidden", "vlm_layers", "vlm_heads", "vlm_kv_heads", "vlm_intermediate", "vision_hidden",
-        "vision_depth", "dec_hidden", "dec_layers", "dec_heads", "dec_intermediate", "time_step_dim",
-        "pos_embed_max_size", "vae_channels", "vocab_size",
+        "vlm_hidden", "vlm_layers", "vlm_heads", "vlm_kv_heads", "vlm_intermediate", "vlm_vocab", "mrope_section",
+        "vision_hidden", "vision_depth", "vision_intermediate", "vision_heads", "vision_fullatt_blocks",
+        "dec_hidden", "dec_layers", "dec_heads", "dec_intermediate", "dec_vocab", "time_step_dim",
+        "pos_embed_max_size", "vae_channels", "vae_layers_per_block", "vae_norm_groups", "vocab_size",
     }  # fmt: skip
     unknown = set(sizes) - known
     if unknown:
@@ -271,12 +285,18 @@ def build_tiny_mindomni(
             intermediate_size=sizes.get("vlm_intermediate", 128),
             vision_hidden_size=sizes.get("vision_hidden", 32),
             vision_depth=sizes.get("vision_depth", 2),
+            vision_intermediate_size=sizes.get("vision_intermediate"),
+            vision_heads=sizes.get("vision_heads", 2),
+            vision_fullatt_blocks=sizes.get("vision_fullatt_blocks"),
+            vocab_size=sizes.get("vlm_vocab"),
+            mrope_section=sizes.get("mrope_section"),
         )
         phi3 = tiny_decoder_config(
             hidden_size=sizes.get("dec_hidden", 64),
             num_layers=sizes.get("dec_layers", 2),
             num_heads=sizes.get("dec_heads", 4),
             intermediate_size=sizes.get("dec_intermediate", 128),
+            vocab_size=sizes.get("dec_vocab", 128),
         )
         connector = MindOmniConnector(vlm.config.text_config.hidden_size, phi3)
         decoder = build_tiny_decoder(
@@ -284,8 +304,41 @@ def build_tiny_mindomni(
             time_step_dim=sizes.get("time_step_dim", 32),
             pos_embed_max_size=sizes.get("pos_embed_max_size", 32),
         )
-        vae = build_tiny_vae(tuple(sizes.get("vae_channels", (8, 8, 8, 8))))
+        vae = build_tiny_vae(tuple(sizes.get("vae_channels", (8, 8, 8, 8))), sizes.get("vae_layers_per_block", 1),
+                             sizes.get("vae_norm_groups", 4))
     return MindOmni(vlm, processor, connector, decoder, vae, dtype=dtype)
+
+
+# Named shapes for ``model.path: random:<shape>`` (random weights, e.g. for benchmarks at the real size).
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    # MindOmni: Qwen2.5-VL-7B (28 layers of 3584, GQA 28/4 heads, 152064 embedding rows, 32-block vision tower
+    # of 1280 with full attention in blocks 7/15/23/31) -> connector -> OmniGen-v1 (Phi-3-mini: 32 layers of
+    # 3072, 32 heads, 32064 rows) -> SDXL's VAE (128/256/512/512 channels, 2 layers per block, 32 groups).
+    "mindomni-7b": dict(
+        vlm_hidden=3584, vlm_layers=28, vlm_heads=28, vlm_kv_heads=4, vlm_intermediate=18944, vlm_vocab=152064,
+        mrope_section=(16, 24, 24), vision_hidden=1280, vision_depth=32, vision_intermediate=3420, vision_heads=16,
+        vision_fullatt_blocks=(7, 15, 23, 31), dec_hidden=3072, dec_layers=32, dec_heads=32, dec_intermediate=8192,
+        dec_vocab=32064, time_step_dim=256, pos_embed_max_size=192, vae_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2, vae_norm_groups=32,
+    ),
+}
+
+
+def build_random_mindomni(
+    shape: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> MindOmni:
+    """A MindOmni of a named shape (``RANDOM_SHAPES``) with random weights, built directly on ``device`` (a 7B
+    initialised on a GPU takes seconds, on a CPU minutes; ``"meta"`` allocates nothing)."""
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random model shape {shape!r}; known: {sorted(RANDOM_SHAPES)}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialised in the run's dtype: no float32 copy of a 7B on the way
+    try:
+        with torch.device(device or "cpu"):
+            return build_tiny_mindomni(seed, dtype, **RANDOM_SHAPES[shape])
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def write_tiny_checkpoint(path: str, seed: int = 0, **sizes: Any) -> MindOmni:
