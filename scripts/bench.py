@@ -75,6 +75,18 @@ for _var, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("H
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 TOP_PHASES = ("rollout", "rewards", "advantages", "update")
+# --mindomni-7b: configs/mindomni_rgpo.yaml (bf16, LoRA r64/alpha128/dropout 0.05, gradient checkpointing, ZeRO-2,
+# 512x512, 50 steps, guidance 3) on one GPU with random weights of the released sizes.
+MINDOMNI_7B_OVERRIDES = [
+    "model.path=random:mindomni-7b",
+    f"data.train_file={REPO / 'configs' / 'prompts' / 'sample.jsonl'}",
+    "data.eval_file=null",
+    "rollout.num_generations=4",
+    "rollout.batch_size=4",
+    "optim.micro_batch_size=4",
+    "rollout.max_new_tokens=512",
+    "rewards.functions=[format, {name: clip_consistency, kwargs: {model_name: ViT-L-14-336, text_column: gt_prompt}}]",
+]
 MEMORY_STEPS = 2  # extra steps after the timed ones that record each phase's peak memory (their time is not used)
 
 
@@ -485,7 +497,7 @@ class BarePieces:
 
         self.spec, self.cfg = spec, cfg
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        model = build_model(cfg)
+        model = build_model(cfg, device=self.device)
         if spec.get("lora_without_lm_head"):
             targets = [t for t in model.language_model_lora_targets() if t != "lm_head"]
             model.language_model_lora_targets = lambda: targets
@@ -1176,10 +1188,15 @@ def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
         def flip(fast: bool):
             for mode in (True, False):
                 switch(mode) if fast else model.train(mode)
+
+        def flags(fast: bool, mode: bool):
+            model.train(not mode)
+            switch(mode) if fast else model.train(mode)
             return {name: mod.training for name, mod in model.named_modules()}
 
         m = _alternate({"on": lambda: flip(True), "off": lambda: flip(False)}, max(rounds, 20), sync)
-        assert m["on"]["result"] == m["off"]["result"]
+        assert all(flags(True, mode) == flags(False, mode) for mode in (True, False))
+        model.eval()
         row(f"train + eval switch ({switch.num_modules} modules): flattened once vs `Module.train` walk",
             "TrainModeSwitch", "model.train() / model.eval()", m, "every module's training flag identical")
 
@@ -1574,8 +1591,15 @@ def parse_args(argv=None):
                     help="rgpo config override (repeatable)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny MindOmni on CPU in float32 (model.path=tiny), small sweeps: a few minutes on 2 cores")
-    ap.add_argument("--steps", type=int, default=5, help="measured steps per configuration (median; default 5)")
-    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps, not measured (default 2)")
+    ap.add_argument("--mindomni-7b", action="store_true",
+                    help="the GPU figures: a MindOmni-shaped model with random weights (Qwen2.5-VL-7B + OmniGen-v1 "
+                         "sizes, model.path=random:mindomni-7b), bf16, LoRA r64, one group of G=4, 512 tokens per "
+                         "chain, 512x512 images, 50 decoder steps, guidance 3, format + CLIP ViT-L/14-336 (random) "
+                         "rewards: the full step and its bare pieces only (the bare pieces hold a second copy of "
+                         "the model: add --skip-bare below ~60 GB of GPU memory)")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per configuration (median; default 5; --mindomni-7b: 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, not measured (default 2; "
+                    "--mindomni-7b: 1)")
     ap.add_argument("--scaling-steps", type=int, default=None,
                     help="measured steps per scaling point (default: 3 with --quick, else --steps)")
     ap.add_argument("--scaling-warmup", type=int, default=1, help="warm-up steps per scaling point (default 1)")
@@ -1617,6 +1641,15 @@ def main(argv=None) -> int:
     from rgpo.config import load_config
 
     overrides = list(args.overrides)
+    big = args.mindomni_7b
+    args.steps = args.steps if args.steps is not None else (3 if big else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if big else 2)
+    if big:
+        if args.quick:
+            raise SystemExit("--mindomni-7b and --quick are two different runs; pick one")
+        args.config = str(REPO / "configs" / "mindomni_rgpo.yaml")
+        overrides = [*MINDOMNI_7B_OVERRIDES, *overrides]  # later --set values win
+        args.skip_trl = args.skip_scaling = args.skip_ablations = True
     if args.quick:
         args.config = str(TINY_CONFIG) if args.config == str(TINY_CONFIG) else args.config
         overrides = ["model.path=tiny", "model.dtype=float32", *overrides]

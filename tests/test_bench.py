@@ -29,7 +29,8 @@ def test_bench_quick_smoke(tmp_path):
     assert machine["cores"] >= 1 and machine["torch"] and machine["device"] in ("cpu", "cuda")
 
     main = report["main"]
-    assert main["steps_measured"] == 2 and main["steps_warmup"] == 1
+    assert main["steps_measured"] == 2 and main["steps_warmup"] == 1 and main["memory_steps"] == 2
+    assert main["phase_peak_mib"]["rollout"] >= 0
     for phase in ("rollout", "rollout/text", "rollout/forward", "rollout/reference", "rollout/images", "rewards",
                   "update"):
         assert main["phase_s"][phase] > 0, phase
@@ -48,8 +49,32 @@ def test_bench_quick_smoke(tmp_path):
     rows = report["ablations"]["rows"]
     names = " | ".join(r["optimisation"] for r in rows)
     for key in ("prefilled once per group", "decoding steps", "one forward", "keys/values cached", "guidance",
-                "policy and reference decoder runs batched", "sampled timestep", "ZeRO-3"):
+                "policy and reference decoder runs batched", "sampled timestep", "train + eval switch",
+                "overlap_comm and contiguous_gradients", "ZeRO-3"):
         assert key in names, key
     for r in rows:
         assert r["on_s"] > 0 and r["off_s"] > 0 and r["same_result"], r
     assert "## Optimisations, each on vs off" in (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_mindomni_7b_preset_wiring(tmp_path):
+    """--mindomni-7b is the GPU run (the released recipe at its real sizes, random weights). Its wiring is checked
+    here with the model shrunk back to the tiny shape by later --set values (which win over the preset): bf16,
+    one group of 4 chains, images, the full step only."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    shrink = ["model.path=random:tiny", "rollout.max_new_tokens=6", "rollout.image.height=32",
+              "rollout.image.width=32", "rollout.image.steps=2", "rewards.functions=[format]",
+              "model.gradient_checkpointing=false"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--mindomni-7b", "--steps", "1", "--warmup", "0",
+         "--skip-bare", "--threads", "1", *[a for kv in shrink for a in ("--set", kv)], "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    main = report["main"]
+    assert main["config"]["dtype"] == "bfloat16" and main["config"]["G"] == 4 and main["chains_per_step"] == 4
+    assert main["config"]["decoder_steps"] == 2 and main["images_per_step"] == 4
+    assert main["config"]["lora"] == [64, 128, 0.05]
+    assert "comparison" not in report and "ablations" not in report and "scaling" not in report
