@@ -87,7 +87,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "g
     raise ValueError(f"aggregation {aggregation!r} is not one of {AGGREGATIONS}")
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (0 when the mask is empty)."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -141,11 +142,11 @@ def policy_loss(
         high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
         metrics = {
             "pg_loss": aggregate(pg_per_token.detach(), mask, aggregation),
-            "ratio": _masked_mean(ratio, mask),
-            "clip_ratio/low": _masked_mean(low.float(), mask),
-            "clip_ratio/high": _masked_mean(high.float(), mask),
-            "clip_ratio/region": _masked_mean((low | high).float(), mask),
-            "kl": _masked_mean(kl, mask) if kl is not None else logp.new_zeros(()),
+            "ratio": masked_mean(ratio, mask),
+            "clip_ratio/low": masked_mean(low.float(), mask),
+            "clip_ratio/high": masked_mean(high.float(), mask),
+            "clip_ratio/region": masked_mean((low | high).float(), mask),
+            "kl": masked_mean(kl, mask) if kl is not None else logp.new_zeros(()),
         }
     return loss, metrics
 

@@ -33,7 +33,7 @@ from rgpo.config import RGPOConfig, save_config, to_dict
 from rgpo.data import PromptRow, PromptSampler, check_columns, load_prompts
 from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
 from rgpo.image_policy import ImagePolicy, image_policy_active
-from rgpo.losses import feature_kl, group_advantages, policy_loss, velocity_mse
+from rgpo.losses import feature_kl, group_advantages, masked_mean, policy_loss, velocity_mse
 from rgpo.models.base import Completions, ImageSamplingConfig, PromptBatch, UnifiedModel
 from rgpo.modes import TrainModeSwitch
 from rgpo.tracking import MetricsHistory, NullLogger, PhaseTimer, WandbLogger
@@ -470,6 +470,8 @@ class RGPOTrainer:
             epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
             kl_estimator=lc.kl_estimator, aggregation=lc.aggregation)
         metrics = {f"loss/{k}" if k == "pg_loss" else k: v for k, v in metrics.items()}
+        if out.entropy is not None:  # mean next-token entropy over the completions (TRL's `entropy`)
+            metrics["entropy"] = masked_mean(out.entropy, completions.completion_mask)
         if image_term:
             ref_cond, ref_mask = trim_left_padding(rollout.ref_condition[index], rollout.ref_condition_mask[index])
             image_reg = self.image_regularizer(out.condition, out.condition_mask, ref_cond, ref_mask, idx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -227,14 +228,24 @@ def test_forward_text_logps_equal_plain_log_softmax(model, with_images):
     model.logprob_chunk_size = 5  # several chunks, one crossing a row boundary
     try:
         ours = model.forward_text(prompts, comp, with_condition=False)
+        with torch.enable_grad():  # the checkpointed chunks of the update give the same values
+            grad_path = model.forward_text(prompts, comp, with_condition=False)
     finally:
         model.logprob_chunk_size = 512
     logits = plain_hf_forward(model, prompts, comp).logits
     p = prompts.input_ids.shape[1]
-    ref = logits[:, p - 1 : -1].float().log_softmax(-1).gather(-1, comp.completion_ids[..., None])[..., 0]
+    log_probs = logits[:, p - 1 : -1].float().log_softmax(-1)
+    ref = log_probs.gather(-1, comp.completion_ids[..., None])[..., 0]
+    ref_entropy = -(log_probs.exp() * log_probs).sum(-1)  # H = -sum p log p, from the full distribution
     assert ours.logps.dtype == torch.float32 and ours.condition is None
     mask = comp.completion_mask.bool()
-    torch.testing.assert_close(ours.logps[mask], ref[mask], atol=1e-5, rtol=1e-5)
+    for out in (ours, grad_path):
+        torch.testing.assert_close(out.logps[mask], ref[mask], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.entropy[mask], ref_entropy[mask], atol=1e-5, rtol=1e-5)
+    assert not grad_path.entropy.requires_grad and grad_path.logps.requires_grad == any(
+        p.requires_grad for p in model.parameters())
+    vocab = logits.shape[-1]
+    assert bool((ours.entropy[mask] > 0).all()) and bool((ours.entropy[mask] <= math.log(vocab)).all())
 
 
 @pytest.mark.parametrize("with_images", [False, True])

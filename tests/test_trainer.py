@@ -89,6 +89,8 @@ def test_first_on_policy_step_has_ratio_one_and_zero_kl(short_run):
         assert all(math.isfinite(v) for k, v in row.items() if not k.startswith("reward/") or "std" not in k)
     assert trainer.history[-1]["kl/text"] > 0  # the policy has moved off the reference
     assert any(row["reward/std"] > 0 for row in trainer.history)  # the groups were ranked: a real gradient
+    vocab = trainer.model.hf_vlm().lm_head.out_features
+    assert all(0 < row["entropy"] <= math.log(vocab) for row in trainer.history)  # nats, as TRL logs it
 
 
 def test_checkpoints_are_complete_and_pruned(short_run):

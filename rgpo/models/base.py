@@ -119,11 +119,14 @@ class ForwardOutput:
     is 0 hold arbitrary finite values. ``condition`` / ``condition_mask`` are the decoder's conditioning inputs
     BEFORE the connector: the VLM's last-layer PRE-norm hidden states at the prompt tokens plus the first
     ``condition_lengths[i]`` completion tokens, re-packed LEFT-padded. ``None`` when not asked for.
+    ``entropy[i, j]`` is the entropy of the policy's next-token distribution at ``logps[i, j]``'s position,
+    detached (a diagnostic; ``None`` when the family does not compute it).
     """
 
     logps: torch.Tensor  # (N, T) float32
     condition: torch.Tensor | None = None  # (N, L, H_vlm)
     condition_mask: torch.Tensor | None = None  # (N, L)
+    entropy: torch.Tensor | None = None  # (N, T) float32, detached
 
 
 @dataclass

@@ -211,8 +211,9 @@ class MindOmni(UnifiedModel):
             hook.remove()
         return captured[-1]
 
-    def _completion_logps(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Pre-norm states (N, T, H) predicting ``targets`` (N, T) -> log-probs (N, T) float32.
+    def _completion_logps(self, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm states (N, T, H) predicting ``targets`` (N, T) -> log-probs (N, T) float32 and the policy's
+        entropy at each position (N, T) float32, detached (a diagnostic, as TRL logs it).
 
         Norm + lm_head run on chunks of ``logprob_chunk_size`` tokens, each under activation checkpointing when
         grads flow, so at most one chunk of full-vocabulary logits is alive (forward or backward)."""
@@ -223,19 +224,19 @@ class MindOmni(UnifiedModel):
         # weights look empty when checkpoint compares them afterwards; its backward hooks fetch them again for the
         # backward, which gives the very gradients of the unchecked run: skip that metadata check.
         check = "none" if any(hasattr(p, "ds_id") for p in head.parameters()) else "default"
-        out = []
+        out, entropy = [], []
         for start in range(0, flat.shape[0], self.logprob_chunk_size):
             h, t = (
                 flat[start : start + self.logprob_chunk_size],
                 flat_t[start : start + self.logprob_chunk_size],
             )
             if torch.is_grad_enabled():
-                out.append(
-                    checkpoint(_chunk_logps, norm, head, h, t, use_reentrant=False, determinism_check=check)
-                )
+                logp, ent = checkpoint(_chunk_logps, norm, head, h, t, use_reentrant=False, determinism_check=check)
             else:
-                out.append(_chunk_logps(norm, head, h, t))
-        return torch.cat(out).view(targets.shape)
+                logp, ent = _chunk_logps(norm, head, h, t)
+            out.append(logp)
+            entropy.append(ent)
+        return torch.cat(out).view(targets.shape), torch.cat(entropy).view(targets.shape)
 
     # -- generation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -397,15 +398,15 @@ class MindOmni(UnifiedModel):
             [prompts.attention_mask, completions.completion_mask.to(prompts.attention_mask.dtype)], dim=1
         )
         states = self._backbone(ids, mask, prompts.vision)  # (N, P + T, H)
-        logps = self._completion_logps(states[:, p_len - 1 : -1], comp_ids)
+        logps, entropy = self._completion_logps(states[:, p_len - 1 : -1], comp_ids)
         if not with_condition:
-            return ForwardOutput(logps)
+            return ForwardOutput(logps, entropy=entropy)
         completion_part = (
             torch.arange(comp_ids.shape[1], device=device)[None] < completions.condition_lengths[:, None]
         )
         selected = torch.cat([prompts.attention_mask.bool(), completion_part], dim=1)
         condition, cond_mask = pack_left(states, selected)
-        return ForwardOutput(logps, condition, cond_mask)
+        return ForwardOutput(logps, condition, cond_mask, entropy)
 
     @torch.no_grad()
     def negative_condition(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -621,10 +622,14 @@ def _cast_floating(module: nn.Module, dtype: torch.dtype, buffers: bool = False)
 
 def _chunk_logps(
     norm: nn.Module, head: nn.Module, states: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """log p(target) = logit[target] - logsumexp(logits), in fp32; states (n, H) pre-norm, targets (n,)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) = logit[target] - logsumexp(logits), in fp32, and the entropy of the whole distribution
+    (detached: logsumexp - sum(softmax * logits)); states (n, H) pre-norm, targets (n,)."""
     logits = head(norm(states)).float()
-    return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+    lse = logits.logsumexp(-1)
+    with torch.no_grad():
+        entropy = lse - (logits.softmax(-1) * logits).sum(-1)
+    return logits.gather(-1, targets[:, None])[:, 0] - lse, entropy
 
 
 def _sample(
