@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -60,13 +61,27 @@ def paint_shape(
     return image
 
 
-def synthetic_shapes(per_caption: int, seed: int = 0, size: int = 64) -> tuple[list[Image.Image], list[str]]:
-    """``per_caption`` images of every (colour, shape) pair and their captions, reproducible from ``seed``."""
+def picture_grid(
+    per_pair: int,
+    seed: int,
+    colours: Sequence[str],
+    shapes: Sequence[str],
+    draw: Callable[[str, str, random.Random], Image.Image],
+    caption: Callable[[str, str], str],
+) -> tuple[list[Image.Image], list[str]]:
+    """``per_pair`` pictures of every (colour, shape) pair, drawn from one RNG seeded with ``seed`` in a fixed
+    order (so reproducible), and their captions."""
     rng = random.Random(seed)
     images, captions = [], []
-    for _ in range(per_caption):
-        for color in COLORS:
-            for shape in SHAPES:
-                images.append(draw_shape(color, shape, rng, size))
-                captions.append(f"a {color} {shape}")
+    for _ in range(per_pair):
+        for colour in colours:
+            for shape in shapes:
+                images.append(draw(colour, shape, rng))
+                captions.append(caption(colour, shape))
     return images, captions
+
+
+def synthetic_shapes(per_caption: int, seed: int = 0, size: int = 64) -> tuple[list[Image.Image], list[str]]:
+    """``per_caption`` images of every (colour, shape) pair and their captions, reproducible from ``seed``."""
+    return picture_grid(per_caption, seed, COLORS, SHAPES, lambda c, s, rng: draw_shape(c, s, rng, size),
+                        lambda c, s: f"a {c} {s}")

@@ -198,14 +198,9 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = 32) -> Image.I
 
 def pictures(per_pair: int, seed: int, size: int = 32) -> tuple[list[Image.Image], list[str]]:
     """``per_pair`` pictures of every colour x shape pair (held-out pairs included) and their descriptions."""
-    rng = random.Random(seed)
-    images, captions = [], []
-    for _ in range(per_pair):
-        for colour in COLOURS:
-            for shape in SHAPES:
-                images.append(draw(colour, shape, rng, size))
-                captions.append(describe(colour, shape))
-    return images, captions
+    from rewards.shapes import picture_grid
+
+    return picture_grid(per_pair, seed, list(COLOURS), SHAPES, lambda c, s, rng: draw(c, s, rng, size), describe)
 
 
 def write_jsonl(rows: Iterable[ToyPrompt], path: str | Path) -> Path:

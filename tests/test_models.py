@@ -641,6 +641,14 @@ def test_gradient_checkpointing_gives_same_values_and_grads():
 # -- dtypes and the whole pipeline -------------------------------------------------------------------------------
 
 
+def guided_latents(model: MindOmni, out, noise: torch.Tensor) -> torch.Tensor:
+    """The pipeline's sampling from a forward's condition: connector, then guided Euler steps against the
+    negative prompt, from ``noise``."""
+    embeds = model.connect(out.condition, out.condition_mask)
+    neg, neg_mask = model.negative_condition(noise.shape[0])
+    return model.sample_latents(embeds, out.condition_mask, model.connect(neg, neg_mask), neg_mask, noise, CFG)
+
+
 def test_bfloat16_model_keeps_vae_and_rotary_tables_fp32():
     model = build_tiny_mindomni(dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
@@ -653,16 +661,7 @@ def test_bfloat16_model_keeps_vae_and_rotary_tables_fp32():
     )
     out = model.forward_text(batch.repeat_interleave(2), comp)
     assert out.logps.dtype == torch.float32 and out.condition.dtype == torch.bfloat16
-    embeds = model.connect(out.condition, out.condition_mask)
-    neg, neg_mask = model.negative_condition(2)
-    latents = model.sample_latents(
-        embeds,
-        out.condition_mask,
-        model.connect(neg, neg_mask),
-        neg_mask,
-        model.initial_noise(2, 2, CFG, "cpu"),
-        CFG,
-    )
+    latents = guided_latents(model, out, model.initial_noise(2, 2, CFG, "cpu"))
     assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
 
 
@@ -674,16 +673,7 @@ def test_image_and_text_prompt_end_to_end(model):
     prompts = batch.repeat_interleave(2)
     with torch.no_grad():
         out = model.forward_text(prompts, comp)
-        embeds = model.connect(out.condition, out.condition_mask)
-        neg, neg_mask = model.negative_condition(4)
-        latents = model.sample_latents(
-            embeds,
-            out.condition_mask,
-            model.connect(neg, neg_mask),
-            neg_mask,
-            model.initial_noise(4, 2, CFG, "cpu"),
-            CFG,
-        )
+        latents = guided_latents(model, out, model.initial_noise(4, 2, CFG, "cpu"))
     images = model.decode_latents(latents)
     assert len(images) == 4 and all(im.size == (64, 64) for im in images)
     assert out.condition.shape[0] == 4 and torch.isfinite(out.logps).all()
@@ -705,14 +695,10 @@ def test_pipeline_on_cuda_in_bfloat16():
     )
     assert torch.equal(comp.completion_ids, again.completion_ids)
     out = model.forward_text(batch.repeat_interleave(2), comp)
-    embeds = model.connect(out.condition, out.condition_mask)
-    neg, neg_mask = model.negative_condition(4)
     noise = model.initial_noise(4, 2, CFG)
     assert noise.device.type == "cuda"
     torch.testing.assert_close(noise.cpu(), model.initial_noise(4, 2, CFG, "cpu"))
-    latents = model.sample_latents(
-        embeds, out.condition_mask, model.connect(neg, neg_mask), neg_mask, noise, CFG
-    )
+    latents = guided_latents(model, out, noise)
     assert len(model.decode_latents(latents)) == 4
 
 
