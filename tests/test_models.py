@@ -775,3 +775,26 @@ def test_checkpoint_keeps_its_own_prompts(tmp_path):
     (tmp_path / "own" / "prompts.json").write_text(json.dumps({"sytem_prompt": "typo"}))
     with pytest.raises(ValueError, match="unknown keys \\['sytem_prompt'\\]"):
         MindOmni.from_pretrained(str(tmp_path / "own"))
+
+
+def test_random_mindomni_7b_shape_matches_the_released_sizes():
+    """model.path=random:mindomni-7b (benchmarks at the real size): built on the meta device (nothing allocated),
+    its parts have the released parameter counts: Qwen2.5-VL-7B 8.29 B with a 676.55 M vision tower, OmniGen-v1
+    about 3.8 B, SDXL's VAE 83.65 M; the VAE stays float32 in a bf16 model."""
+    from rgpo.models.tiny import build_random_mindomni
+
+    model = build_random_mindomni("mindomni-7b", dtype=torch.bfloat16, device="meta")
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(model.vlm) == 8_292_166_656
+    assert count(model.vlm.model.visual) == 676_550_144
+    assert 3.7e9 < count(model.decoder) < 3.9e9
+    assert count(model.vae) == 83_653_863
+    assert model.latent_shape(512, 512) == (4, 64, 64)
+    assert {p.dtype for p in model.vlm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
+    assert torch.get_default_dtype() == torch.float32  # the build's dtype does not leak out
+    with pytest.raises(ValueError, match="unknown random model shape 'mindomni-70b'"):
+        build_random_mindomni("mindomni-70b", device="meta")

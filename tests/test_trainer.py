@@ -247,3 +247,14 @@ def test_bfloat16_run_keeps_the_vae_float32_and_learns(tmp_path):
     assert all(math.isfinite(row["loss/total"]) for row in trainer.history)
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_random_model_paths(tmp_path):
+    """model.path=random:<shape>: random:tiny is the tiny model itself; an unknown shape is named with the key."""
+    from rgpo.trainer import build_model
+
+    tiny = build_model(tiny_cfg(tmp_path))
+    same = build_model(tiny_cfg(tmp_path, "model.path=random:tiny"))
+    assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), same.state_dict().values()))
+    with pytest.raises(ValueError, match=r"model.path='random:mindomni-70b'.*known: \['mindomni-7b', 'tiny'\]"):
+        build_model(tiny_cfg(tmp_path, "model.path=random:mindomni-70b"))
