@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: i
         "optimizer.params.betas": list(cfg.optim.adam_betas),
         "optimizer.params.eps": cfg.optim.adam_eps,
         "optimizer.params.weight_decay": cfg.optim.weight_decay,
-        # DeepSpeed's fused Adam needs a CUDA build; on CPU (tests, laptops) use torch's AdamW.
-        "optimizer.params.torch_adam": not torch.cuda.is_available(),
+        # DeepSpeed's fused Adam needs CUDA and either a prebuilt op or nvcc to compile it at start-up; otherwise
+        # (CPUs, GPU machines without the CUDA toolkit) torch's AdamW, which would not fail mid-launch.
+        "optimizer.params.torch_adam": not fused_adam_available(),
         # Overlapping the gradient reduction with the backward, and copying gradients into one contiguous buffer,
         # pay off on GPUs (side streams; less fragmentation). DeepSpeed's CPU accelerator has no streams, so on a
         # CPU both only add copies and bookkeeping to every micro-batch's backward (about 3 ms of a 45 ms update
@@ -65,6 +67,23 @@ def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: i
         # DeepSpeed's CPU accelerator cannot run fp16; bf16 works.
         ds.pop("fp16", None)
     return ds
+
+
+def fused_adam_available() -> bool:
+    """Whether DeepSpeed's FusedAdam can load here: CUDA, and the op prebuilt or nvcc + ninja to build it."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from deepspeed.git_version_info import installed_ops
+
+        if installed_ops.get("fused_adam"):
+            return True
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
+    return nvcc.is_file() and shutil.which("ninja") is not None
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

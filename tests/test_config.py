@@ -108,7 +108,7 @@ def test_shipped_configs_load_and_validate(name):
 def test_deepspeed_auto_values_come_from_the_run_config(name):
     import torch
 
-    from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
+    from rgpo.deepspeed_config import build_deepspeed_config, fused_adam_available, zero_stage
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"deepspeed.config={REPO / 'configs' / name}", "rollout.batch_size=16", "optim.micro_batch_size=2",
@@ -124,6 +124,9 @@ def test_deepspeed_auto_values_come_from_the_run_config(name):
     # Overlap and contiguous gradient buffers only help with GPU streams; on a CPU they are switched off.
     assert zero["overlap_comm"] is zero["contiguous_gradients"] is torch.cuda.is_available()
     assert "auto" not in json.dumps(ds)
+    # torch's AdamW wherever DeepSpeed's FusedAdam could not load (every CPU): never a failed JIT build at launch
+    assert ds["optimizer"]["params"]["torch_adam"] is not fused_adam_available()
+    assert torch.cuda.is_available() or not fused_adam_available()
     assert zero_stage(ds) == (2 if name == "zero2.json" else 3)
 
 
