@@ -232,7 +232,8 @@ class RGPOTrainer:
         params = list(trainable_parameters(model).values())
         if not params:
             raise ValueError("nothing to train: every parameter is frozen (check the trainable section)")
-        float32 = _float32_weights(model) if not self.zero3 else {}
+        # ZeRO-3 partitions every parameter in the run's dtype: nothing to keep there (nor in float32 runs)
+        float32 = _float32_weights(model) if not self.zero3 and cfg.model.dtype != "float32" else {}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
