@@ -798,3 +798,16 @@ def test_random_mindomni_7b_shape_matches_the_released_sizes():
     assert torch.get_default_dtype() == torch.float32  # the build's dtype does not leak out
     with pytest.raises(ValueError, match="unknown random model shape 'mindomni-70b'"):
         build_random_mindomni("mindomni-70b", device="meta")
+
+
+def test_decode_latents_builds_no_autograd_graph(model):
+    """Decoding is for rewards and logs only: the VAE runs without autograd even where grads are enabled."""
+    grad_modes = []
+    handle = model.vae.decoder.register_forward_pre_hook(lambda m, args: grad_modes.append(torch.is_grad_enabled()))
+    try:
+        latents = torch.randn(2, *model.latent_shape(32, 32), requires_grad=True)
+        images = model.decode_latents(latents)
+    finally:
+        handle.remove()
+    assert [im.size for im in images] == [(32, 32)] * 2
+    assert grad_modes and not any(grad_modes)

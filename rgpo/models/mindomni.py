@@ -564,10 +564,10 @@ class MindOmni(UnifiedModel):
             velocity, noise, grid, noise_level=cfg.noise_level, stochastic=stochastic, generator=generator
         )
 
-    @torch.no_grad()
     def float32_modules(self) -> list[str]:
         return ["vae"]
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """``latents / scaling_factor`` (no shift) through the VAE, in batches of ``vae_batch_size``. The VAE is
         float32, except under ZeRO-3 in bf16/fp16, whose partitioned parameters all carry the run's dtype."""
