@@ -97,6 +97,11 @@ def image_policy_loss(
     return loss, metrics
 
 
+def image_rows(chains: list[int], images_per_chain: int) -> list[int]:
+    """The image rows of ``chains`` in a chain-major N x M layout: chain c's images are c*M .. c*M + M - 1."""
+    return [c * images_per_chain + j for c in chains for j in range(images_per_chain)]
+
+
 def within_chain_metrics(totals: torch.Tensor, images_per_chain: int) -> dict[str, float]:
     """Logged spread of the image rewards inside chains: ``totals`` (N * M,) weighted per-image totals."""
     within = totals.view(-1, images_per_chain).float()
@@ -133,8 +138,7 @@ class ImageRollout:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def image_rows(self, chains: list[int]) -> list[int]:
-        m = self.images_per_chain
-        return [c * m + j for c in chains for j in range(m)]
+        return image_rows(chains, self.images_per_chain)
 
     def trajectory(self, chains: list[int]) -> SDETrajectory | None:
         """The trajectory of these chains' images: a recorded chunk as is when ``chains`` is one, else the rows
@@ -198,9 +202,9 @@ class ImagePolicy:
             for start in range(0, n, mb):
                 rows = list(range(start, min(n, start + mb)))
                 embeds, mask, neg, neg_mask = self.connected(model, condition, condition_mask, rows)
-                image_rows = [r * self.M + j for r in rows for j in range(self.M)]
-                out = model.sample_latents(embeds, mask, neg, neg_mask, noise[image_rows], icfg,
-                                           generator=[gens[j] for j in image_rows] if gens else None)
+                images_of_rows = image_rows(rows, self.M)
+                out = model.sample_latents(embeds, mask, neg, neg_mask, noise[images_of_rows], icfg,
+                                           generator=[gens[j] for j in images_of_rows] if gens else None)
                 traj = out if isinstance(out, SDETrajectory) else None
                 images += model.decode_latents(traj.latents if traj is not None else out)
                 chunks.append(ImageChunk(rows, traj if self.recompute else None))
@@ -222,22 +226,7 @@ class ImagePolicy:
         """(n * M, C, h, w), chain-major. Image 0 of each chain gets the trainer's one-image noise (so M = 1 is
         today's rollout); image m > 0 a seed of its own: shared by the whole group when ``shared_noise`` (and,
         like MindOmni's, the same every step), else per chain and step."""
-        from rgpo.trainer import _mix
-
-        t = self.trainer
-        first = t._initial_noise(global_indices, groups)
-        if self.M == 1:
-            return first
-        icfg, shape, n = t.image_cfg, first.shape[1:], first.shape[0]
-        per_image = [first]
-        for m in range(1, self.M):
-            if icfg.shared_noise:
-                base = torch.randn(shape, generator=torch.Generator().manual_seed(_mix(icfg.seed, m)))
-                noise = base.expand(n, *shape).clone()
-            else:
-                noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-                    _mix(icfg.seed, t.step, i, m))) for i in global_indices])
-            per_image.append(noise.to(first.device, first.dtype))
+        per_image = [self.trainer._initial_noise(global_indices, groups, m) for m in range(self.M)]
         return torch.stack(per_image, 1).flatten(0, 1)
 
     def sde_generators(self, global_indices: list[int], groups: list[int]) -> list[torch.Generator]:
@@ -274,6 +263,9 @@ class ImagePolicy:
         index = torch.tensor(rows, device=condition.device)
         cond, mask = trim_left_padding(condition[index], condition_mask[index])
         if straight_through is not None:
+            if straight_through.shape != cond.shape:
+                raise ValueError(f"the update's condition {tuple(straight_through.shape)} does not match the "
+                                 f"recorded one {tuple(cond.shape)} of the same chains")
             cond = cond + (straight_through - straight_through.detach())
         cond, mask = cond.repeat_interleave(self.M, 0), mask.repeat_interleave(self.M, 0)
         embeds = _call(call, "connect", cond, mask)
@@ -289,20 +281,14 @@ class ImagePolicy:
         """Score every image; return each chain's (n, R) rewards (mean over its M images) for the text
         advantages, and store the within-chain image advantages on the record (rewards gathered across ranks
         first, as the text side does)."""
-        import rewards as reward_lib
-        from rgpo.trainer import global_advantages
+        from rgpo.trainer import global_advantages, score_samples
 
         t, img, M = self.trainer, rollout.image_rollout, self.M
         rows = [row for row in rollout.rows for _ in range(M)]
-        columns: dict[str, list] = {}
-        for key in set().union(*(row.columns for row in rows)):
-            columns[key] = [row.columns.get(key) for row in rows]
         texts = [text for text in rollout.completions.texts for _ in range(M)]
+        per_image = score_samples(t.rewards, rows, texts, img.images, t.cfg.rewards.timeout_s, t.device)
         weights = [r.weight for r in t.rewards]
-        _, per_image = reward_lib.combine(t.rewards, weights, [row.prompt for row in rows], texts, img.images,
-                                          columns, timeout=t.cfg.rewards.timeout_s)
-        per_image = per_image.to(t.device, torch.float32)
-        image_indices = [g * M + j for g in rollout.global_indices for j in range(M)]
+        image_indices = image_rows(rollout.global_indices, M)
         lc = t.cfg.loss
         advantages, _, totals = global_advantages(per_image, weights, image_indices, M, lc.advantage_scale,
                                                   lc.advantage_eps)
@@ -326,16 +312,7 @@ class ImagePolicy:
         if traj is None or traj.x.shape[1] == 0:
             return zero, {}
         call = policy_call if policy_call is not None else t.engine
-        straight = None
-        if lc.image_condition_grad and out is not None and out.condition is not None:
-            straight = out.condition
-            index = torch.tensor(idx, device=img.condition.device)
-            from rgpo.trainer import trim_left_padding
-
-            recorded, _ = trim_left_padding(img.condition[index], img.condition_mask[index])
-            if straight.shape != recorded.shape:
-                raise ValueError(f"the update's condition {tuple(straight.shape)} does not match the recorded one "
-                                 f"{tuple(recorded.shape)} of the same chains")
+        straight = out.condition if lc.image_condition_grad and out is not None else None
         # The recorded condition carries no graph: by default (detached) only the connector, when it trains, and
         # the decoder LoRA get gradients from the image loss.
         embeds, mask, neg, neg_mask = self.connected(call, img.condition, img.condition_mask, idx, straight)

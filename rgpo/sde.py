@@ -239,11 +239,6 @@ class SDETrajectory:
         return SDETrajectory(self.latents[index], self.x[index], self.x_next[index], self.log_probs[index],
                              self.timesteps, self.next_timesteps, self.step_indices, self.noise_level)
 
-    def to(self, device: torch.device | str) -> SDETrajectory:
-        return SDETrajectory(self.latents.to(device), self.x.to(device), self.x_next.to(device),
-                             self.log_probs.to(device), self.timesteps.to(device), self.next_timesteps.to(device),
-                             self.step_indices.to(device), self.noise_level)
-
 
 def sample_flow(
     velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -278,7 +273,7 @@ def sample_flow(
             indices.append(i)
             x = step.sample
         else:
-            x = x + (grid[i + 1] - grid[i]) * v
+            x = euler_step(x, v, grid[i], grid[i + 1])
     index = torch.tensor(indices, dtype=torch.long, device=grid.device)
     empty = x.new_zeros((x.shape[0], 0, *x.shape[1:]))
     return SDETrajectory(

@@ -100,6 +100,18 @@ def draw_images(model: UnifiedModel, condition: torch.Tensor, condition_mask: to
     return model.decode_latents(latents)
 
 
+def score_samples(rewards: list, rows: list[PromptRow], texts: list[str], images: list, timeout: float | None,
+                  device: torch.device) -> torch.Tensor:
+    """(n, R) every reward's raw value per sample (NaN where one does not apply), on ``device``; the rows' data
+    columns are passed to the rewards as keywords."""
+    columns: dict[str, list] = {}
+    for key in set().union(*(row.columns for row in rows)):
+        columns[key] = [row.columns.get(key) for row in rows]
+    _, per_reward = reward_lib.combine(rewards, [r.weight for r in rewards], [row.prompt for row in rows], texts,
+                                       images, columns, timeout=timeout)
+    return per_reward.to(device, torch.float32)
+
+
 # ================================================================================================ model set-up
 def build_model(cfg: RGPOConfig, device: torch.device | str | None = None) -> UnifiedModel:
     """The unified model named by ``cfg.model``: a checkpoint folder, ``tiny`` (a tiny random model built in
@@ -402,16 +414,20 @@ class RGPOTrainer:
         noise = self._initial_noise(global_indices, groups)
         return draw_images(self.model, condition, condition_mask, noise, self.image_cfg)
 
-    def _initial_noise(self, global_indices: list[int], groups: list[int]) -> torch.Tensor:
+    def _initial_noise(self, global_indices: list[int], groups: list[int], image: int = 0) -> torch.Tensor:
+        """(n, C, h, w) initial latents of each chain's image number ``image`` (> 0: rgpo.image_policy's extra
+        images, each with seeds of its own)."""
         icfg = self.image_cfg
         shape = self.model.latent_shape(icfg.height, icfg.width)  # the VAE's own factor (8 real, 4 toy world)
+        extra = (image,) if image else ()
         if icfg.shared_noise:
             # MindOmni: the same seed for every rollout, so in-group reward differences come only from the text.
-            base = torch.randn(shape, generator=torch.Generator().manual_seed(icfg.seed))
+            seed = _mix(icfg.seed, image) if image else icfg.seed
+            base = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
             noise = base.expand(len(global_indices), *shape).clone()
         else:
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-                _mix(icfg.seed, self.step, i))) for i in global_indices])
+                _mix(icfg.seed, self.step, i, *extra))) for i in global_indices])
         return noise.to(self.device, dtype=self._decoder_dtype())
 
     def _decoder_dtype(self) -> torch.dtype:
@@ -420,13 +436,8 @@ class RGPOTrainer:
     def score(self, rollout: Rollout) -> torch.Tensor:
         if rollout.image_rollout is not None:  # every image scored; a chain's reward is its images' mean
             return self.image_policy.score(rollout)
-        columns: dict[str, list] = {}
-        for key in set().union(*(row.columns for row in rollout.rows)):
-            columns[key] = [row.columns.get(key) for row in rollout.rows]
-        _, per_reward = reward_lib.combine(
-            self.rewards, [r.weight for r in self.rewards], [row.prompt for row in rollout.rows],
-            rollout.completions.texts, rollout.images, columns, timeout=self.cfg.rewards.timeout_s)
-        return per_reward.to(self.device, torch.float32)
+        return score_samples(self.rewards, rollout.rows, rollout.completions.texts, rollout.images,
+                             self.cfg.rewards.timeout_s, self.device)
 
     def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """``num_iterations`` optimizer steps over the rank's chains, in micro-batches DeepSpeed accumulates.
