@@ -267,8 +267,25 @@ def _charge_reference(trainer, timer_cls) -> None:
     trainer.reference_context = reference_context
 
 
-def _ban_eos(model) -> None:
-    model.banned_token_ids = sorted(set(model.banned_token_ids) | set(model.eos_token_ids))
+def _ban_eos(model, spec: dict[str, Any]) -> None:
+    """Equal work: end-of-sequence tokens banned, so every chain is ``max_new_tokens`` long (unless the case's
+    ``ban_eos`` is off: ``--keep-eos``)."""
+    if spec.get("ban_eos", True):
+        model.banned_token_ids = sorted(set(model.banned_token_ids) | set(model.eos_token_ids))
+
+
+def _lora_targets_without_lm_head(model) -> list[str]:
+    """TRL refuses a LoRA on lm_head (it reads lm_head.weight directly), so for the side-by-side run rgpo's LoRA
+    gets the same targets as TRL's: every language-model Linear except lm_head."""
+    return [t for t in model.language_model_lora_targets() if t != "lm_head"]
+
+
+def _without_lm_head_lora(model, spec: dict[str, Any]):
+    """``model`` with :func:`_lora_targets_without_lm_head` as its LoRA targets when the case asks for it."""
+    if spec.get("lora_without_lm_head"):
+        targets = _lora_targets_without_lm_head(model)
+        model.language_model_lora_targets = lambda: targets
+    return model
 
 
 def _rgpo_config(spec: dict[str, Any], run_dir: str):
@@ -328,18 +345,13 @@ def run_sweep(spec: dict[str, Any]) -> dict[str, Any]:
     their measured steps taken round-robin (point 1, point 2, ..., point 1, ...), so that a change of machine load
     hits every point alike and the ratios between points are meaningful."""
     timer_cls = _install_phase_timer()
-    from rgpo.trainer import RGPOTrainer
 
     results = []
     with tempfile.TemporaryDirectory(prefix="rgpo-bench-") as tmp:
         trainers = []
         for j, point in enumerate(spec["points"]):
-            cfg = _rgpo_config({**spec, "overrides": point["overrides"]}, str(Path(tmp) / f"run{j}"))
-            trainer = RGPOTrainer(cfg)
-            if spec.get("ban_eos", True):
-                _ban_eos(trainer.model)
-            _charge_reference(trainer, timer_cls)
-            trainers.append(trainer)
+            point_spec = {**spec, "overrides": point["overrides"]}
+            trainers.append(_build_rgpo(point_spec, _rgpo_config(point_spec, str(Path(tmp) / f"run{j}")), timer_cls))
         gc.collect()
         base_rss = MEM.current()
         steps: list[list[dict[str, Any]]] = [[] for _ in trainers]
@@ -364,16 +376,9 @@ def _build_rgpo(spec: dict[str, Any], cfg, timer_cls):
     """The RGPOTrainer of a case: EOS banned (equal work), reference uses timed as their own phase."""
     from rgpo.trainer import RGPOTrainer, build_model
 
-    model = None
-    if spec.get("lora_without_lm_head"):
-        # TRL refuses a LoRA on lm_head (it reads lm_head.weight directly), so for the side-by-side run
-        # rgpo's LoRA gets the same targets as TRL's: every language-model Linear except lm_head.
-        model = build_model(cfg)
-        targets = [t for t in model.language_model_lora_targets() if t != "lm_head"]
-        model.language_model_lora_targets = lambda: targets
+    model = _without_lm_head_lora(build_model(cfg), spec) if spec.get("lora_without_lm_head") else None
     trainer = RGPOTrainer(cfg, model=model)
-    if spec.get("ban_eos", True):
-        _ban_eos(trainer.model)
+    _ban_eos(trainer.model, spec)
     _charge_reference(trainer, timer_cls)
     return trainer
 
@@ -497,13 +502,9 @@ class BarePieces:
 
         self.spec, self.cfg = spec, cfg
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        model = build_model(cfg, device=self.device)
-        if spec.get("lora_without_lm_head"):
-            targets = [t for t in model.language_model_lora_targets() if t != "lm_head"]
-            model.language_model_lora_targets = lambda: targets
+        model = _without_lm_head_lora(build_model(cfg, device=self.device), spec)
         self.model = model = apply_trainable(model, cfg).to(self.device)
-        if spec.get("ban_eos", True):
-            _ban_eos(model)
+        _ban_eos(model, spec)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
                                      weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_eps)
@@ -864,7 +865,7 @@ def save_tiny_vlm(cfg, path: Path) -> None:
     vocab = tiny.tokenizer.get_vocab()
     batch = tiny.build_prompts([r.as_model_row() for r in load_prompts(cfg.data.train_file)])
     meta = {
-        "lora_targets": [t for t in tiny.language_model_lora_targets() if t != "lm_head"],  # TRL: none on lm_head
+        "lora_targets": _lora_targets_without_lm_head(tiny),
         "suppressed_token_ids": sorted({vocab[t] for t in (*EOS_TOKENS, *BANNED_TOKENS) if t in vocab}),
         "rgpo_prompt_ids": [ids[m.bool()].tolist() for ids, m in zip(batch.input_ids, batch.attention_mask)],
     }
@@ -941,29 +942,22 @@ def _naive_guided_sampling(model, embeds, mask, neg, neg_mask, noise, icfg, cach
     import torch
 
     from rgpo.models.mindomni import euler_grid
-    from rgpo.models.omnigen import (
-        build_condition_cache,
-        decoder_forward,
-        decoder_forward_cached,
-        num_image_tokens,
-    )
+    from rgpo.models.omnigen import build_condition_cache, num_image_tokens
+    from rgpo.sde import sample_flow
 
-    dec = model.decoder
-    grid = euler_grid(icfg.steps)
-    x = noise.float()
     with torch.no_grad():
+        caches = (None, None)
         if cached:
-            n_img = num_image_tokens(dec, *noise.shape[-2:])
-            caches = (build_condition_cache(dec, embeds, mask, n_img), build_condition_cache(dec, neg, neg_mask, n_img))
-        for i in range(icfg.steps):
-            t = grid[i].expand(x.shape[0])
-            if cached:
-                v_cond, v_neg = (decoder_forward_cached(dec, c, x, t).float() for c in caches)
-            else:
-                v_cond = decoder_forward(dec, embeds, mask, x, t)[0].float()
-                v_neg = decoder_forward(dec, neg, neg_mask, x, t)[0].float()
-            x = x + (grid[i + 1] - grid[i]) * (v_neg + icfg.guidance_scale * (v_cond - v_neg))
-    return x
+            n_img = num_image_tokens(model.decoder, *noise.shape[-2:])
+            caches = tuple(build_condition_cache(model.decoder, e, m_, n_img) for e, m_ in ((embeds, mask),
+                                                                                            (neg, neg_mask)))
+
+        def velocity(x, t):
+            v_cond = model.guided_velocity(embeds, mask, x, t, cache=caches[0])
+            v_neg = model.guided_velocity(neg, neg_mask, x, t, cache=caches[1])
+            return v_neg + icfg.guidance_scale * (v_cond - v_neg)
+
+        return sample_flow(velocity, noise, euler_grid(icfg.steps).to(noise.device)).latents
 
 
 def _alternate(variants: dict[str, Any], rounds: int, sync) -> dict[str, dict[str, Any]]:
@@ -1015,8 +1009,7 @@ def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rgpo-bench-") as tmp:
         cfg = _rgpo_config(spec, str(Path(tmp) / "run"))
         model = apply_trainable(build_model(cfg), cfg).to(device).eval()
-        if spec.get("ban_eos", True):
-            _ban_eos(model)
+        _ban_eos(model, spec)
         G, T = cfg.rollout.num_generations, cfg.rollout.max_new_tokens
         P = cfg.rollout.batch_size // G
         rows = load_prompts(cfg.data.train_file)
@@ -1028,6 +1021,16 @@ def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
             return torch.Generator().manual_seed(seed)
 
         # 1. prompt prefill: once per group, its KV cache repeated for the G chains, vs G prefills
+        with torch.no_grad():  # the same first-token distribution from either prefill
+            hf = model.hf_vlm()
+            pos = model._position_ids(prompts.input_ids, prompts.attention_mask, {})
+            shared = hf(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=pos,
+                        logits_to_keep=1).logits[:, -1].repeat_interleave(G, 0)
+            rep = prompts.repeat_interleave(G)
+            each = hf(input_ids=rep.input_ids, attention_mask=rep.attention_mask,
+                      position_ids=model._position_ids(rep.input_ids, rep.attention_mask, {}),
+                      logits_to_keep=1).logits[:, -1]
+        torch.testing.assert_close(shared, each, atol=1e-5, rtol=1e-5)
         for tokens, label in ((T, f"whole generate ({P} prompts x G={G}, {T} tokens)"),
                               (1, "prefill + first token only")):
             m = _alternate({
@@ -1035,16 +1038,6 @@ def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
                 "off": lambda t=tokens: model.generate(prompts.repeat_interleave(G), num_generations=1,
                                                        max_new_tokens=t, generator=gen()),
             }, rounds, sync)
-            with torch.no_grad():  # the same first-token distribution from either prefill
-                hf = model.hf_vlm()
-                pos = model._position_ids(prompts.input_ids, prompts.attention_mask, {})
-                shared = hf(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=pos,
-                            logits_to_keep=1).logits[:, -1].repeat_interleave(G, 0)
-                rep = prompts.repeat_interleave(G)
-                each = hf(input_ids=rep.input_ids, attention_mask=rep.attention_mask,
-                          position_ids=model._position_ids(rep.input_ids, rep.attention_mask, {}),
-                          logits_to_keep=1).logits[:, -1]
-            torch.testing.assert_close(shared, each, atol=1e-5, rtol=1e-5)
             same = torch.equal(m["on"]["result"].completion_ids, m["off"]["result"].completion_ids)
             row(f"prompt prefilled once per group, KV cache shared by the G chains: {label}",
                 "1 prefill per prompt", "G prefills per prompt", m,
@@ -1061,7 +1054,7 @@ def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
             "full VLM forward per token, no_grad", m, "identical token ids")
 
         # 3. log-probs + condition from ONE forward, norm + lm_head in chunks (no full-vocabulary log-softmax)
-        comps = model.generate(prompts, num_generations=G, max_new_tokens=T, generator=gen())
+        comps = m["on"]["result"]  # section 2's chains (same prompts, same seed)
         reps = prompts.repeat_interleave(G)
         mb = min(cfg.optim.micro_batch_size, comps.completion_ids.shape[0])
         p_mb, c_mb = reps.select(list(range(mb))), comps.select(list(range(mb)))
@@ -1167,7 +1160,6 @@ def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
             "1 batched forward", "2 forwards (policy with grad, reference without)", m,
             "KL and its gradient allclose", in_rgpo="no (the trainer runs them separately)",
             note="batching also runs the backward over the reference rows")
-        K = lc.image_kl_timesteps
         reps_all = IMAGE_KL_GRID
         all_args = tuple(a.repeat_interleave(reps_all, 0) for a in args)
         m = _alternate({
@@ -1176,8 +1168,9 @@ def run_ablations(spec: dict[str, Any]) -> dict[str, Any]:
         }, max(2, rounds // 3), sync)
         every = m["off"]["result"][0].view(n, reps_all)
         torch.testing.assert_close(m["on"]["result"][0], every[torch.arange(n), t_idx], atol=1e-4, rtol=1e-4)
-        row(f"image KL on K={K} sampled timestep(s) per chain (loss.image_kl_timesteps) vs all {reps_all} "
-            f"(forward + backward, {n} chains)", f"K={K}", f"all {reps_all}", m,
+        # The "on" side times one sampled timestep per chain (loss.image_kl_timesteps=1, the default).
+        row(f"image KL on K=1 sampled timestep per chain (loss.image_kl_timesteps) vs all {reps_all} "
+            f"(forward + backward, {n} chains)", "K=1", f"all {reps_all}", m,
             "the sampled timestep's KL equals that entry of the full sweep")
 
         # 6. the train/eval switch of every step: the flattened TrainModeSwitch vs Module.train's tree walk
@@ -1229,8 +1222,7 @@ def _zero2_flags_ablation(spec, tmp: Path, rounds, sync, row) -> None:
     for name, extra in (("on", []), ("off", [f"deepspeed.config={path}"])):
         torch.manual_seed(0)
         trainers[name] = RGPOTrainer(_rgpo_config({**spec, "overrides": [*text, *extra]}, str(tmp / f"zero2_{name}")))
-        if spec.get("ban_eos", True):
-            _ban_eos(trainers[name].model)
+        _ban_eos(trainers[name].model, spec)
     first = trainers["on"]
     rollout = first.rollout(first.sampler.next_step(), PhaseTimer())
     advantages = torch.linspace(-1, 1, len(rollout.rows))
@@ -1261,8 +1253,7 @@ def _zero3_ablation(spec, tmp: Path, rounds, sync, row) -> None:
     z_spec = {**spec, "overrides": [*spec["overrides"], f"deepspeed.config={path}", "rollout.image.enabled=false"]}
     zcfg = _rgpo_config(z_spec, str(tmp / "zero3"))
     trainer = RGPOTrainer(zcfg)
-    if spec.get("ban_eos", True):
-        _ban_eos(trainer.model)
+    _ban_eos(trainer.model, spec)
     model = trainer.model
     G, T = zcfg.rollout.num_generations, zcfg.rollout.max_new_tokens
     P = zcfg.rollout.batch_size // G
@@ -1332,7 +1323,7 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
     if len(results) == 1:
         return results[0]
     out = dict(results[0])
-    steps = [s for r in results for s in r["steps"] if not s["warmup"] and not s.get("memory_step")]
+    steps = [s for r in results for s in r["steps"] if not s["warmup"]]
     out["steps"] = [s for r in results for s in r["steps"]]
     out["steps_measured"] = len(steps)
     out["step_s"] = median([s["step_s"] for s in steps])
@@ -1421,10 +1412,10 @@ def _overhead_lines(report: dict[str, Any]) -> list[str]:
         # Each trainer step with the bare iteration that ran right after it: the median of the per-pair shares
         # is less sensitive to a load change between steps than the difference of the two medians.
         pairs = [(s_["step_s"] - b_["total_s"]) / s_["step_s"] for s_, b_ in
-                 zip([x for x in res["steps"] if not x["warmup"] and not x.get("memory_step")],
+                 zip([x for x in res["steps"] if not x["warmup"]],
                      [x for x in res["bare"]["iterations"]
                                                                      if not x["warmup"]])]
-        fastest = min(x["step_s"] for x in res["steps"] if not x["warmup"] and not x.get("memory_step"))
+        fastest = min(x["step_s"] for x in res["steps"] if not x["warmup"])
         fastest_bare = min(x["total_s"] for x in res["bare"]["iterations"] if not x["warmup"])
         report[key] = {"step_s": res["step_s"], "bare_s": res["bare"]["median"]["total_s"], "overhead_s": overhead,
                        "overhead_pct": 100 * overhead / res["step_s"],
