@@ -118,7 +118,8 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, e
     from rgpo.trainer import RGPOTrainer, build_model
 
     start = time.perf_counter()
-    cfg = load_config(config or default_config(), overrides or [])
+    config, overrides = config or default_config(), overrides or []
+    cfg = load_config(config, overrides)
     out = Path(cfg.logging.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"toy world: evaluating the starting policy on {eval_prompts} held-out prompts x {samples_per_prompt}",
@@ -137,7 +138,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, e
     seconds = time.perf_counter() - start
 
     figures = {"before": before.figures(), "after": after.figures()}
-    report = {"config": config or default_config(), "overrides": overrides or [], "eval_prompts": eval_prompts,
+    report = {"config": config, "overrides": overrides, "eval_prompts": eval_prompts,
               "samples_per_prompt": samples_per_prompt, "eval_seed": eval_seed, "seconds": round(seconds, 1),
               **figures}
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -129,12 +129,11 @@ def prompts(split: str) -> list[ToyPrompt]:
         for shape, corners in CORNERS.items():
             for clue in clues:
                 for expr in EXPRESSIONS[corners]:
-                    held = (expr, clue) in HELD_OUT
-                    if (split == "train" and held) or (split == "heldout" and not held):
-                        continue
                     for template in TEMPLATES:
                         text = template.format(expr=_expr_text(expr), clue=clue)
-                        out.append(ToyPrompt(text, colour, shape, clue, expr))
+                        prompt = ToyPrompt(text, colour, shape, clue, expr)
+                        if split in ("all", prompt.split):
+                            out.append(prompt)
     return out
 
 

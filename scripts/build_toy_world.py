@@ -55,10 +55,12 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
     )
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer, schedule, params, max_norm: float = 1.0) -> None:
+def _optimizer_step(loss: torch.Tensor, optimizer, schedule, params, max_norm: float | None = 1.0) -> None:
+    """One step; gradients clipped to ``max_norm`` (None: not clipped)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     schedule.step()
 
@@ -86,10 +88,7 @@ def train_vae(model: MindOmni, steps: int, seed: int, log) -> dict:
         rec = vae.decode(z).sample
         # A light KL keeps the latent space smooth enough for the decoder to model; MSE does the rest.
         loss = F.mse_loss(rec, x) + 1e-5 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        _optimizer_step(loss, optimizer, schedule, vae.parameters(), max_norm=None)
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step}: loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
 
-    report: dict = {"seed": args.seed, "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in SIZES.items()}}
+    report: dict = {"seed": args.seed, "sizes": SIZES}  # tuples are written as JSON arrays
     model = build_tiny_mindomni(args.seed, corpus=world.corpus(), **SIZES)
     model.system_prompt = world.SYSTEM_PROMPT
     model.instruction_prefix = world.INSTRUCTION_PREFIX
