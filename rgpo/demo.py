@@ -28,12 +28,13 @@ def default_config() -> str:
 
 
 def clip_reward_of(cfg):
-    """The ``clip_consistency`` reward the config trains with (the evaluation's judge)."""
-    from rewards.clip import ClipConsistencyReward
+    """The ``clip_consistency`` reward the config trains with (the evaluation's judge), built by the reward
+    registry as the trainer builds it."""
+    from rewards import get_reward
 
     for spec in cfg.rewards.functions:
         if spec.name == "clip_consistency":
-            return ClipConsistencyReward(**spec.kwargs)
+            return get_reward(spec)
     raise ValueError("the toy-world evaluation needs a clip_consistency reward in rewards.functions")
 
 
