@@ -1,6 +1,7 @@
 """Test-wide settings: no hub, no network, wandb offline into a temporary folder, deterministic threads."""
 
 import os
+import shutil
 import tempfile
 
 # Set before any library import: a stray hub lookup then fails in ~3 s instead of retrying for ~50 s.
@@ -18,3 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_unconfigure(config):
+    # The folder outlives every wandb run of the session (subprocess launches included), so it goes last.
+    shutil.rmtree(_wandb_home, ignore_errors=True)
