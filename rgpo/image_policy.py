@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from rgpo.losses import policy_loss
+from rgpo.models.mindomni import guided_batch
 from rgpo.sde import SDETrajectory, gaussian_step_kl, random_window_start, sde_log_prob, sde_mean_std
 
 SDE_NOISE_TAG = 0x5DE  # mixed into the seeds of the per-image SDE-noise generators
@@ -82,17 +84,17 @@ def image_policy_loss(
     if logp.shape != old_logp.shape or logp.dim() != 2 or advantages.shape != logp.shape[:1]:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages "
                          f"{tuple(advantages.shape)} must be (B, K), (B, K) and (B,)")
-    adv = advantages.float().unsqueeze(1)
-    ratio = torch.exp(logp.float() - old_logp.float())
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    logp, old_logp = logp.float(), old_logp.float()
+    # The text loss with every step a token: an all-ones mask under "bnpo" is the plain mean over (B, K).
+    loss, text_metrics = policy_loss(logp, old_logp, None, advantages.float(), torch.ones_like(logp),
+                                     epsilon_low=clip_range, epsilon_high=clip_range, beta=0.0, aggregation="bnpo")
     with torch.no_grad():
+        log_ratio = logp - old_logp
         metrics = {
-            "pg_loss": loss.detach(),
-            "ratio": ratio.mean(),
-            "clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean(),
-            "approx_kl": 0.5 * (logp.float() - old_logp.float()).pow(2).mean(),
+            "pg_loss": text_metrics["pg_loss"],
+            "ratio": text_metrics["ratio"],
+            "clip_frac": ((log_ratio.exp() - 1.0).abs() > clip_range).float().mean(),
+            "approx_kl": 0.5 * log_ratio.pow(2).mean(),
         }
     return loss, metrics
 
@@ -316,7 +318,7 @@ class ImagePolicy:
         # The recorded condition carries no graph: by default (detached) only the connector, when it trains, and
         # the decoder LoRA get gradients from the image loss.
         embeds, mask, neg, neg_mask = self.connected(call, img.condition, img.condition_mask, idx, straight)
-        policy_in = _guided_inputs(embeds, mask, neg, neg_mask)
+        policy_in = guided_batch(embeds, mask, neg, neg_mask)
         ref_in = self._reference_inputs(rollout, idx) if self.gaussian_kl else None
         g = self.sampling.guidance_scale if neg is not None else 1.0
         a = traj.noise_level
@@ -356,16 +358,7 @@ class ImagePolicy:
         with torch.no_grad(), t.reference_context() as ref_model:
             embeds, mask, neg, neg_mask = self.connected(ref_model, rollout.ref_condition,
                                                          rollout.ref_condition_mask, idx)
-        return _guided_inputs(embeds, mask, neg, neg_mask)
-
-
-def _guided_inputs(embeds, mask, neg, neg_mask):
-    """(embeds, mask) of the guided batch as ``sample_latents`` stacks it: condition rows, then negative rows."""
-    if neg is None:
-        return embeds, mask
-    from rgpo.models.mindomni import cat_left_padded
-
-    return cat_left_padded([embeds, neg], [mask, neg_mask])
+        return guided_batch(embeds, mask, neg, neg_mask)
 
 
 def _call(call, method: str, *args, **kwargs):

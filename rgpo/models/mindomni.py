@@ -531,15 +531,8 @@ class MindOmni(UnifiedModel):
         per row (the start is then drawn from the first); None: ``torch.Generator().manual_seed(cfg.seed +
         SDE_SEED_OFFSET)``, a stream apart from :meth:`initial_noise`'s.
         """
-        n = noise.shape[0]
         guided = neg_embeds is not None and cfg.guidance_scale != 1.0
-        embeds, mask = cond_embeds, cond_mask
-        if guided:
-            if neg_mask is None:
-                raise ValueError("neg_embeds given without neg_mask")
-            if neg_embeds.shape[0] == 1 and n > 1:
-                neg_embeds, neg_mask = neg_embeds.expand(n, -1, -1), neg_mask.expand(n, -1)
-            embeds, mask = cat_left_padded([cond_embeds, neg_embeds], [cond_mask, neg_mask])
+        embeds, mask = guided_batch(cond_embeds, cond_mask, neg_embeds if guided else None, neg_mask)
         grid = euler_grid(cfg.steps).to(noise.device)
         cache = None
         if self.decoder_kv_cache:
@@ -698,6 +691,26 @@ def cat_left_padded(
         out_e.append(torch.nn.functional.pad(e, (0, 0, pad, 0)))
         out_m.append(torch.nn.functional.pad(m, (pad, 0)))
     return torch.cat(out_e), torch.cat(out_m)
+
+
+def guided_batch(
+    cond_embeds: torch.Tensor,
+    cond_mask: torch.Tensor,
+    neg_embeds: torch.Tensor | None,
+    neg_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder batch that :meth:`MindOmni.guided_velocity` takes: the N condition rows, then the N negative
+    rows (one negative row is broadcast to N), left-padded to a common length; the condition alone without
+    negative rows. Sampling and the image policy's recomputation both stack through here, so their velocities
+    match exactly."""
+    if neg_embeds is None:
+        return cond_embeds, cond_mask
+    if neg_mask is None:
+        raise ValueError("neg_embeds given without neg_mask")
+    n = cond_embeds.shape[0]
+    if neg_embeds.shape[0] == 1 and n > 1:
+        neg_embeds, neg_mask = neg_embeds.expand(n, -1, -1), neg_mask.expand(n, -1)
+    return cat_left_padded([cond_embeds, neg_embeds], [cond_mask, neg_mask])
 
 
 def euler_grid(steps: int) -> torch.Tensor:
