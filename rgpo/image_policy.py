@@ -30,8 +30,8 @@ Exact ratio 1 on the first on-policy step: the sampler and the update evaluate t
 same method (``UnifiedModel.guided_velocity``), on the same cache-free decoder path (``decoder_kv_cache`` is
 switched off while sampling: the cached path differs by ~1e-5), and on the same batches: images are sampled in
 chunks of ``optim.micro_batch_size`` chains x M images, exactly the rows (and condition padding) of the update's
-micro-batches, from the recorded condition. A micro-batch that is not one of those chunks still works (its rows
-are gathered from the chunks) but its ratio is only ~1.
+micro-batches, from the recorded condition. Any other set of chains still works (its rows are selected from
+the recorded trajectory) but, padded differently, its ratio is only ~1.
 """
 
 from __future__ import annotations
@@ -118,15 +118,6 @@ def within_chain_metrics(totals: torch.Tensor, images_per_chain: int) -> dict[st
 
 # ================================================================================================ rollout record
 @dataclass
-class ImageChunk:
-    """The images of one sampling chunk: ``rows`` (this rank's chain indices, = one update micro-batch) x M,
-    chain-major, and their SDE trajectory (None when not needed: Euler sampling, or no image loss)."""
-
-    rows: list[int]
-    trajectory: SDETrajectory | None
-
-
-@dataclass
 class ImageRollout:
     """What the rollout recorded about this rank's n chains x M images."""
 
@@ -134,7 +125,7 @@ class ImageRollout:
     images: list  # n * M PIL images, chain-major: chain i's images are i * M .. i * M + M - 1
     condition: torch.Tensor  # (n, L, H) the sampling policy's condition states (no grad)
     condition_mask: torch.Tensor  # (n, L)
-    chunks: list[ImageChunk]
+    sde: SDETrajectory | None  # every image's SDE steps, chain-major; None without an image loss (or Euler)
     per_image_rewards: torch.Tensor | None = None  # (n * M, R)
     advantages: torch.Tensor | None = None  # (n * M,) within-chain advantages
     metrics: dict[str, float] = field(default_factory=dict)
@@ -143,22 +134,8 @@ class ImageRollout:
         return image_rows(chains, self.images_per_chain)
 
     def trajectory(self, chains: list[int]) -> SDETrajectory | None:
-        """The trajectory of these chains' images: a recorded chunk as is when ``chains`` is one, else the rows
-        gathered from the chunks (same steps in every chunk: the window is drawn once per step)."""
-        for chunk in self.chunks:
-            if chunk.rows == list(chains):
-                return chunk.trajectory
-        if any(chunk.trajectory is None for chunk in self.chunks):
-            return None
-        where = {c: (k, pos) for k, chunk in enumerate(self.chunks) for pos, c in enumerate(chunk.rows)}
-        m = self.images_per_chain
-        parts = [self.chunks[where[c][0]].trajectory.select(list(range(where[c][1] * m, where[c][1] * m + m)))
-                 for c in chains]
-        first = parts[0]
-        return SDETrajectory(
-            torch.cat([p.latents for p in parts]), torch.cat([p.x for p in parts]),
-            torch.cat([p.x_next for p in parts]), torch.cat([p.log_probs for p in parts]),
-            first.timesteps, first.next_timesteps, first.step_indices, first.noise_level)
+        """The recorded SDE steps of these chains' images (chain-major), or None when none were recorded."""
+        return None if self.sde is None else self.sde.select(self.image_rows(chains))
 
 
 # ================================================================================================ the trainer side
@@ -199,7 +176,7 @@ class ImagePolicy:
         noise = self.initial_noise(gi, groups)
         gens = self.sde_generators(gi, groups) if self.noise_level > 0 else None
         icfg = self.sampling_config()
-        chunks, images = [], []
+        trajectories, images = [], []
         with self._cache_off(model):
             for start in range(0, n, mb):
                 rows = list(range(start, min(n, start + mb)))
@@ -209,8 +186,9 @@ class ImagePolicy:
                                            generator=[gens[j] for j in images_of_rows] if gens else None)
                 traj = out if isinstance(out, SDETrajectory) else None
                 images += model.decode_latents(traj.latents if traj is not None else out)
-                chunks.append(ImageChunk(rows, traj if self.recompute else None))
-        record = ImageRollout(self.M, images, condition, condition_mask, chunks)
+                trajectories.append(traj)
+        sde = SDETrajectory.cat(trajectories) if self.recompute else None
+        record = ImageRollout(self.M, images, condition, condition_mask, sde)
         return [images[i * self.M] for i in range(n)], record
 
     def sampling_config(self):

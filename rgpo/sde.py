@@ -239,6 +239,19 @@ class SDETrajectory:
         return SDETrajectory(self.latents[index], self.x[index], self.x_next[index], self.log_probs[index],
                              self.timesteps, self.next_timesteps, self.step_indices, self.noise_level)
 
+    @staticmethod
+    def cat(parts: Sequence[SDETrajectory]) -> SDETrajectory:
+        """The rows of several runs over the same stochastic steps, stacked in order."""
+        first = parts[0]
+        for part in parts[1:]:
+            if not (torch.equal(part.step_indices, first.step_indices) and part.noise_level == first.noise_level):
+                raise ValueError(f"cannot stack trajectories over different SDE steps: "
+                                 f"{first.step_indices.tolist()} (noise level {first.noise_level}) vs "
+                                 f"{part.step_indices.tolist()} (noise level {part.noise_level})")
+        return SDETrajectory(*(torch.cat([getattr(p, name) for p in parts]) for name in ("latents", "x", "x_next",
+                                                                                           "log_probs")),
+                             first.timesteps, first.next_timesteps, first.step_indices, first.noise_level)
+
 
 def sample_flow(
     velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

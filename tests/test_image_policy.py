@@ -155,8 +155,9 @@ def test_first_on_policy_image_ratio_is_exactly_one(text_image_run):
     assert trainer.history[-1]["kl/image"] > 0  # the decoder LoRA has moved off the reference
     record = trainer._last_rollout.image_rollout
     assert len(record.images) == 2 * len(trainer._last_rollout.rows)
-    assert [c.rows for c in record.chunks] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # = the update's micro-batches
-    assert record.chunks[0].trajectory.log_probs.shape == (8, 2)  # 4 chains x 2 images, window of 2 steps
+    assert record.sde.log_probs.shape == (16, 2)  # 8 chains x 2 images, window of 2 steps
+    chains_1_and_2 = record.trajectory([1, 2])  # chain-major rows 2..5
+    torch.testing.assert_close(chains_1_and_2.x, record.sde.x[2:6], rtol=0, atol=0)
 
 
 def test_text_and_image_step_trains_decoder_lora_and_vlm_lora(text_image_run):
@@ -219,7 +220,7 @@ def test_several_euler_images_per_chain_average_the_chain_reward(tmp_path):
     assert trainer.image_policy is not None and not trainer.image_policy.recompute
     rollout = trainer.rollout(trainer.sampler.next_step(), PhaseTimer())
     record = rollout.image_rollout
-    assert len(record.images) == 16 and all(c.trajectory is None for c in record.chunks)
+    assert len(record.images) == 16 and record.sde is None
     assert rollout.images == record.images[::2]
     assert record.images[0].tobytes() != record.images[1].tobytes()  # image 1 has a noise of its own
     per_chain = trainer.score(rollout)

@@ -223,6 +223,25 @@ def test_window_only_k_steps_stochastic_rest_exact_euler():
         assert torch.equal(log_prob, traj.log_probs[:, k])
 
 
+def test_trajectories_of_batches_stack_into_the_whole_batchs():
+    """Rows sampled in two chunks with per-row generators, stacked, equal the rows sampled at once; ``select``
+    takes them back out; trajectories over different steps refuse to stack."""
+    grid, velocity = euler_grid(6), gaussian_velocity(0.3, 0.8)
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(21))
+    stochastic = sde.stochastic_steps(6, 2, 1)
+
+    def run(rows, window=stochastic):
+        gens = [torch.Generator().manual_seed(30 + r) for r in rows]
+        return sde.sample_flow(velocity, noise[rows], grid, noise_level=0.7, stochastic=window, generator=gens)
+
+    whole, stacked = run([0, 1, 2, 3]), sde.SDETrajectory.cat([run([0, 1]), run([2, 3])])
+    for name in ("latents", "x", "x_next", "log_probs", "timesteps", "step_indices"):
+        torch.testing.assert_close(getattr(stacked, name), getattr(whole, name), rtol=0, atol=0)
+    torch.testing.assert_close(stacked.select([3, 1]).x, whole.x[[3, 1]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="different SDE steps"):
+        sde.SDETrajectory.cat([run([0]), run([1], sde.stochastic_steps(6, 2, 3))])
+
+
 def test_random_window_start_stays_in_range():
     gen = torch.Generator().manual_seed(13)
     starts = {sde.random_window_start(10, 2, gen, (1, 6)) for _ in range(200)}
