@@ -15,6 +15,7 @@ in one process. Each step:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -88,13 +89,14 @@ def global_advantages(per_reward: torch.Tensor, weights: list[float], global_ind
 
 # ================================================================================================ images
 def draw_images(model: UnifiedModel, condition: torch.Tensor, condition_mask: torch.Tensor, noise: torch.Tensor,
-                icfg: ImageSamplingConfig) -> list:
+                icfg: ImageSamplingConfig, reference: UnifiedModel | None = None) -> list:
     """One image per row: connector, guided Euler sampling from ``noise`` against the fixed negative prompt
-    (skipped at guidance 1), VAE decode."""
+    (skipped at guidance 1), VAE decode. The negative prompt's states come from ``reference`` when given (full
+    fine-tuning's frozen copy), else from ``model`` (which computes them with its adapter disabled)."""
     cond = model.connect(condition, condition_mask)
     neg, neg_mask = None, None
     if icfg.guidance_scale != 1.0:
-        neg_states, neg_mask = model.negative_condition(condition.shape[0])
+        neg_states, neg_mask = (reference if reference is not None else model).negative_condition(condition.shape[0])
         neg = model.connect(neg_states, neg_mask)
     latents = model.sample_latents(cond, condition_mask, neg, neg_mask, noise, icfg)
     return model.decode_latents(latents)
@@ -238,9 +240,12 @@ class RGPOTrainer:
 
         ds_config = build_deepspeed_config(cfg, self.world)
         self.zero3 = zero_stage(ds_config) == 3
-        model = model if model is not None else self._build_under_zero(cfg, ds_config)
+        given = model is not None
+        model = model if given else self._build_under_zero(cfg, ds_config)
+        # Full fine-tuning's frozen copy is of the model being trained: a copy of a given one, else built alike.
+        self.reference = (self._build_reference(cfg, ds_config, copy.deepcopy(model) if given else None)
+                          if cfg.trainable.mode == "full" else None)
         model = apply_trainable(model, cfg)
-        self.reference = self._build_reference(cfg, ds_config) if cfg.trainable.mode == "full" else None
         params = list(trainable_parameters(model).values())
         if not params:
             raise ValueError("nothing to train: every parameter is frozen (check the trainable section)")
@@ -277,12 +282,12 @@ class RGPOTrainer:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             return build_model(cfg)
 
-    def _build_reference(self, cfg: RGPOConfig, ds_config: dict):
-        """Full fine-tuning needs a frozen copy: under ZeRO-3 its own sharded inference engine (as TRL's
-        prepare_deepspeed), otherwise a plain replica on the device."""
+    def _build_reference(self, cfg: RGPOConfig, ds_config: dict, ref: UnifiedModel | None = None):
+        """Full fine-tuning needs a frozen copy (``ref``, else built from ``model.path``): under ZeRO-3 its own
+        sharded inference engine (as TRL's prepare_deepspeed), otherwise a plain replica on the device."""
         import deepspeed
 
-        ref = self._build_under_zero(cfg, ds_config)
+        ref = ref if ref is not None else self._build_under_zero(cfg, ds_config)
         ref.requires_grad_(False).eval()
         if self.zero3:
             ref_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
@@ -412,7 +417,7 @@ class RGPOTrainer:
         """One image per chain. The initial noise depends only on the seed and (per-sample mode) on the chain's
         global index, so a group spread over ranks still shares it."""
         noise = self._initial_noise(global_indices, groups)
-        return draw_images(self.model, condition, condition_mask, noise, self.image_cfg)
+        return draw_images(self.model, condition, condition_mask, noise, self.image_cfg, self.reference)
 
     def _initial_noise(self, global_indices: list[int], groups: list[int], image: int = 0) -> torch.Tensor:
         """(n, C, h, w) initial latents of each chain's image number ``image`` (> 0: rgpo.image_policy's extra

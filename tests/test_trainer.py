@@ -182,6 +182,7 @@ def test_two_ranks_torchrun_group_spans_ranks(tmp_path):
 def test_full_fine_tuning_with_frozen_reference(tmp_path):
     """trainable.mode=full: every language-model weight trains, the vision tower and decoder do not, and the
     reference (a separate frozen copy) stays exactly as built, so the text KL grows from 0."""
+    from rgpo.tracking import PhaseTimer
     from rgpo.trainer import RGPOTrainer
 
     cfg = tiny_cfg(tmp_path, "trainable.mode=full", "optim.lr=1e-4", "optim.max_steps=2", "checkpoint.every=0",
@@ -199,6 +200,31 @@ def test_full_fine_tuning_with_frozen_reference(tmp_path):
     assert changed <= trainable
     assert any("language_model.layers.0.self_attn.q_proj" in n for n in changed)
     assert all(torch.equal(p, ref_before[n]) for n, p in trainer.reference.named_parameters())
+
+    # The guidance negative is the reference's, also in a process that starts without it cached (a resume):
+    # the trained VLM would encode it differently.
+    trainer.model.clear_negative_cache()
+    trained, _ = trainer.model.negative_condition(1)
+    reference, _ = trainer.reference.negative_condition(1)
+    assert not torch.equal(trained, reference)
+    asked = []
+    ask_reference = trainer.reference.negative_condition
+    trainer.reference.negative_condition = lambda n: asked.append(n) or ask_reference(n)
+    trainer.model.negative_condition = lambda n: pytest.fail("the rollout asked the trained model for its negative")
+    trainer.rollout(trainer.sampler.next_step(), PhaseTimer())
+    assert asked == [8]
+
+
+def test_full_fine_tuning_of_a_given_model_copies_it_as_the_reference(tmp_path):
+    from rgpo.models.tiny import build_tiny_mindomni
+    from rgpo.trainer import RGPOTrainer
+
+    given = build_tiny_mindomni(seed=123)  # not the model config's seed
+    weights = {n: p.detach().clone() for n, p in given.named_parameters()}
+    trainer = RGPOTrainer(tiny_cfg(tmp_path, "trainable.mode=full", "optim.max_steps=1", "checkpoint.every=0",
+                                   "logging.mode=disabled"), model=given)
+    assert trainer.model is given and trainer.reference is not given
+    assert all(torch.equal(p, weights[n]) for n, p in trainer.reference.named_parameters())
 
 
 def test_text_only_mode_is_plain_vlm_grpo(tmp_path):
