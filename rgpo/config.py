@@ -167,9 +167,10 @@ class LossConfig:
     epsilon_high: float = 0.2
     """Upper clip range of the ratio (DAPO's clip-higher uses ~0.28)."""
     aggregation: str = "grpo"
-    """Loss aggregation: grpo (per-sequence mean, then mean; MindOmni), bnpo/dapo (token mean), dr_grpo.
-    With several micro-batches, bnpo and dapo both divide by each micro-batch's token count (not DAPO's global
-    count); grpo is exact when micro-batches hold equal numbers of sequences."""
+    """Loss aggregation: grpo (per-sequence mean, then mean; MindOmni), bnpo (each micro-batch's token mean),
+    dapo (the global token mean over every rank and micro-batch, as TRL's), dr_grpo (token sum over chains x
+    ``rollout.max_new_tokens``). dapo and dr_grpo do not depend on how chains are spread over ranks and
+    micro-batches; grpo does not when micro-batches hold equal numbers of chains (enforced)."""
     advantage_scale: str = "group"
     """Advantage normalisation: group (unbiased group std; MindOmni), batch, none."""
     advantage_eps: float = 1e-4

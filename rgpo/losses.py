@@ -68,22 +68,40 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     raise ValueError(f"kl estimator {estimator!r} is not one of {KL_ESTIMATORS}")
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "grpo") -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "grpo",
+    *,
+    max_length: int | None = None,
+    token_normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar.
 
     - "grpo": mean over each sequence's tokens, then over sequences (MindOmni, original GRPO). Long and short
       chains weigh the same, so a token of a long chain counts less.
-    - "bnpo" / "dapo": mean over every unmasked token of the batch (DAPO's token-level mean). Averaging the
-      losses of several micro-batches with equal token counts equals the whole-batch value.
-    - "dr_grpo": sum over tokens / (B * T), T the padded completion length (Dr. GRPO): no length bias.
+    - "bnpo": mean over every unmasked token of this batch. Averaging the losses of several micro-batches
+      equals the whole-batch value only when they hold equal token counts.
+    - "dapo": sum over tokens / ``token_normalizer`` (default: this batch's token count, as "bnpo"). With the
+      whole batch's token count (all ranks) divided by the number of micro-batch losses that get averaged
+      (ranks x accumulation steps), the average is the global token mean (DAPO, TRL), whatever the layout.
+    - "dr_grpo": sum over tokens / (B * ``max_length``) (Dr. GRPO: no length bias). Pass the generation limit
+      (``rollout.max_new_tokens``), a constant; the default T, this batch's padded length, varies with the
+      longest chain of each micro-batch and rank.
     """
     mask = mask.to(per_token.dtype)
     if aggregation == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if aggregation in ("bnpo", "dapo"):
+    if aggregation == "bnpo":
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if aggregation == "dapo":
+        normalizer = mask.sum().clamp(min=1.0) if token_normalizer is None else token_normalizer
+        return (per_token * mask).sum() / normalizer
     if aggregation == "dr_grpo":
-        return (per_token * mask).sum() / (per_token.shape[0] * per_token.shape[1])
+        length = per_token.shape[1] if max_length is None else max_length
+        if length < per_token.shape[1]:
+            raise ValueError(f"max_length {length} is shorter than the completions' {per_token.shape[1]} tokens")
+        return (per_token * mask).sum() / (per_token.shape[0] * length)
     raise ValueError(f"aggregation {aggregation!r} is not one of {AGGREGATIONS}")
 
 
@@ -105,6 +123,8 @@ def policy_loss(
     beta: float = 0.01,
     kl_estimator: str = "k3",
     aggregation: str = "grpo",
+    max_length: int | None = None,
+    token_normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss with a per-token KL penalty (GRPO / RGPO text loss).
 
@@ -117,6 +137,7 @@ def policy_loss(
         ref_logp: (B, T) reference log-probs, or None when ``beta == 0``.
         advantages: (B,) one advantage per sequence.
         mask: (B, T) 1 for completion tokens up to and including EOS.
+        max_length, token_normalizer: the "dr_grpo" and "dapo" divisors (:func:`aggregate`).
 
     Returns:
         ``(loss, metrics)``; metrics (detached scalars): ``kl`` (masked mean), ``ratio`` (masked mean),
@@ -135,13 +156,14 @@ def policy_loss(
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         if beta != 0.0:
             per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, aggregation)
+    divisors = {"max_length": max_length, "token_normalizer": token_normalizer}
+    loss = aggregate(per_token, mask, aggregation, **divisors)
 
     with torch.no_grad():
         low = (ratio < 1.0 - epsilon_low) & (advantages < 0)
         high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
         metrics = {
-            "pg_loss": aggregate(pg_per_token.detach(), mask, aggregation),
+            "pg_loss": aggregate(pg_per_token.detach(), mask, aggregation, **divisors),
             "ratio": masked_mean(ratio, mask),
             "clip_ratio/low": masked_mean(low.float(), mask),
             "clip_ratio/high": masked_mean(high.float(), mask),

@@ -455,10 +455,11 @@ class RGPOTrainer:
         mb = cfg.optim.micro_batch_size
         sums: dict[str, float] = {}
         count = 0
+        token_normalizer = self.dapo_token_normalizer(rollout) if cfg.loss.aggregation == "dapo" else None
         for _ in range(cfg.loss.num_iterations):
             for start in range(0, n, mb):
                 idx = list(range(start, min(n, start + mb)))
-                loss, metrics = self.micro_batch_loss(rollout, advantages, idx)
+                loss, metrics = self.micro_batch_loss(rollout, advantages, idx, token_normalizer)
                 self.engine.backward(loss)
                 self.engine.step()
                 for k, v in metrics.items():
@@ -470,7 +471,17 @@ class RGPOTrainer:
                 self._count_skipped_step()
         return {k: v / max(count, 1) for k, v in sums.items()}
 
-    def micro_batch_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: list[int]):
+    def dapo_token_normalizer(self, rollout: Rollout) -> torch.Tensor:
+        """The "dapo" divisor of a micro-batch's summed token loss: the completion tokens of the whole batch (all
+        ranks) over the micro-batch losses DeepSpeed averages (ranks x accumulation steps), so the update is the
+        global token mean however the chains are spread."""
+        tokens = rollout.completions.completion_mask.sum().to(self.device, torch.float32)
+        tokens = dist_utils.all_gather_cat(tokens[None]).sum()
+        micro_batches = -(-len(rollout.rows) // self.cfg.optim.micro_batch_size)
+        return tokens.clamp(min=1.0) / (self.world * micro_batches)
+
+    def micro_batch_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: list[int],
+                         token_normalizer: torch.Tensor | None = None):
         """Text policy loss + beta * text KL + image-KL coefficient * image regulariser, for chains ``idx``."""
         cfg, lc = self.cfg, self.cfg.loss
         prompts, completions = rollout.prompts.select(idx), rollout.completions.select(idx)
@@ -485,7 +496,8 @@ class RGPOTrainer:
         loss, metrics = policy_loss(
             out.logps, old, ref_logps, advantages[index], completions.completion_mask,
             epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
-            kl_estimator=lc.kl_estimator, aggregation=lc.aggregation)
+            kl_estimator=lc.kl_estimator, aggregation=lc.aggregation, max_length=cfg.rollout.max_new_tokens,
+            token_normalizer=token_normalizer)
         metrics = {f"loss/{k}" if k == "pg_loss" else k: v for k, v in metrics.items()}
         if out.entropy is not None:  # mean next-token entropy over the completions (TRL's `entropy`)
             metrics["entropy"] = masked_mean(out.entropy, completions.completion_mask)

@@ -34,7 +34,7 @@ def _install(fault: str) -> None:
         original = RGPOTrainer.micro_batch_loss
         calls = {"n": 0}
 
-        def micro_batch_loss(self, rollout, advantages, idx):
+        def micro_batch_loss(self, rollout, advantages, idx, *args):
             if self.step + 1 == target:  # self.step counts finished steps
                 calls["n"] += 1
                 if kind == "kill_in_step" and calls["n"] == 2:
@@ -46,7 +46,7 @@ def _install(fault: str) -> None:
                     deadline = time.monotonic() + 120
                     while not self._stop_requested and time.monotonic() < deadline:
                         time.sleep(0.02)
-            return original(self, rollout, advantages, idx)
+            return original(self, rollout, advantages, idx, *args)
 
         RGPOTrainer.micro_batch_loss = micro_batch_loss
     elif kind == "kill_in_checkpoint":

@@ -80,17 +80,19 @@ def _two_sequences():
 #   seq 0 (A=+1): r=1 -> -1;  r=1.5 clipped high -> -1.2;  r=.5 -> -min(.5, .8) = -.5
 #   seq 1 (A=-1): r=.5 clipped low -> .8;  r=1.1 -> 1.1;  (masked)
 @pytest.mark.parametrize(
-    "aggregation, expected",
+    "aggregation, expected, divisors",
     [
-        ("grpo", ((-1 - 1.2 - 0.5) / 3 + (0.8 + 1.1) / 2) / 2),  # 0.025
-        ("bnpo", (-2.7 + 1.9) / 5),  # -0.16
-        ("dapo", (-2.7 + 1.9) / 5),
-        ("dr_grpo", (-2.7 + 1.9) / (2 * 3)),  # -0.13333
+        ("grpo", ((-1 - 1.2 - 0.5) / 3 + (0.8 + 1.1) / 2) / 2, {}),  # 0.025
+        ("bnpo", (-2.7 + 1.9) / 5, {}),  # -0.16
+        ("dapo", (-2.7 + 1.9) / 5, {}),  # without a normalizer: this batch's own count
+        ("dr_grpo", (-2.7 + 1.9) / (2 * 3), {}),  # -0.13333: without a limit, the padded length
+        ("dapo", -0.8 / 4, {"token_normalizer": 4.0}),  # -0.2: the global count / losses averaged, given
+        ("dr_grpo", (-2.7 + 1.9) / (2 * 10), {"max_length": 10}),  # -0.04: the generation limit, given
     ],
 )
-def test_policy_loss_aggregations_by_hand(aggregation, expected):
+def test_policy_loss_aggregations_by_hand(aggregation, expected, divisors):
     logp, old, adv, mask = _two_sequences()
-    loss, metrics = policy_loss(logp, old, None, adv, mask, beta=0.0, aggregation=aggregation)
+    loss, metrics = policy_loss(logp, old, None, adv, mask, beta=0.0, aggregation=aggregation, **divisors)
     torch.testing.assert_close(loss, torch.tensor(expected))
     # One token of five clipped low (A<0, r<0.8), one clipped high (A>0, r>1.2).
     torch.testing.assert_close(metrics["clip_ratio/low"], torch.tensor(0.2))
@@ -157,6 +159,37 @@ def test_data_parallel_invariance(aggregation):
     whole, _ = policy_loss(logp, old, ref, adv, mask, aggregation=aggregation)
     halves = [policy_loss(logp[s], old[s], ref[s], adv[s], mask[s], aggregation=aggregation)[0] for s in (slice(0, 2), slice(2, 4))]
     torch.testing.assert_close(whole, (halves[0] + halves[1]) / 2)
+
+
+def test_dapo_and_dr_grpo_do_not_depend_on_the_layout():
+    """Eight chains of uneven lengths over 2 ranks x 2 micro-batches, each micro-batch trimmed to its own longest
+    chain (as generation pads per rank): the average of the four micro-batch losses (what DeepSpeed's rank and
+    accumulation averaging applies) is the whole batch's global token mean for "dapo" given the global count over
+    the four losses, and the whole batch's Dr. GRPO value for "dr_grpo" given the generation limit; "bnpo" is not."""
+    g = torch.Generator().manual_seed(1)
+    lengths, limit = [1, 2, 6, 3, 8, 2, 2, 5], 8
+    mask = (torch.arange(limit)[None] < torch.tensor(lengths)[:, None]).long()
+    logp = -torch.rand(8, limit, generator=g)
+    old = logp + 0.1 * torch.randn(8, limit, generator=g)
+    adv = torch.randn(8, generator=g)
+    per_token = -torch.min((logp - old).exp() * adv[:, None], (logp - old).exp().clamp(0.8, 1.2) * adv[:, None])
+    global_mean = (per_token * mask).sum() / mask.sum()
+    dr_grpo = (per_token * mask).sum() / (8 * limit)
+
+    def micro_losses(aggregation, **divisors):
+        losses = []
+        for rows in ([0, 1], [2, 3], [4, 5], [6, 7]):
+            t = max(lengths[r] for r in rows)
+            losses.append(policy_loss(logp[rows, :t], old[rows, :t], None, adv[rows], mask[rows, :t], beta=0.0,
+                                      aggregation=aggregation, **divisors)[0])
+        return torch.stack(losses).mean()
+
+    torch.testing.assert_close(micro_losses("dapo", token_normalizer=mask.sum() / 4), global_mean)
+    torch.testing.assert_close(micro_losses("dr_grpo", max_length=limit), dr_grpo)
+    assert not torch.allclose(micro_losses("bnpo"), global_mean)
+    assert not torch.allclose(micro_losses("dr_grpo"), dr_grpo)  # the padded length varies per micro-batch
+    with pytest.raises(ValueError, match="max_length"):
+        aggregate(per_token, mask, "dr_grpo", max_length=4)
 
 
 def test_aggregate_rejects_unknown_mode():

@@ -522,8 +522,8 @@ def test_nan_gradients_are_skipped_counted_and_stop_the_run(live, monkeypatch, c
     poisoned = {"on": False}
     original = live.micro_batch_loss
 
-    def loss_with_nan(rollout, advantages, idx):
-        loss, metrics = original(rollout, advantages, idx)
+    def loss_with_nan(rollout, advantages, idx, *args):
+        loss, metrics = original(rollout, advantages, idx, *args)
         return (loss * float("nan") if poisoned["on"] else loss), metrics
 
     monkeypatch.setattr(live, "micro_batch_loss", loss_with_nan)

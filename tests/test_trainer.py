@@ -227,6 +227,20 @@ def test_full_fine_tuning_of_a_given_model_copies_it_as_the_reference(tmp_path):
     assert all(torch.equal(p, weights[n]) for n, p in trainer.reference.named_parameters())
 
 
+def test_dapo_divides_by_the_batch_tokens_over_the_micro_batches(tmp_path):
+    """One rank, 8 chains in micro-batches of 4: each micro-batch's summed token loss is divided by the batch's
+    token count / 2, so the two averaged are the batch's token mean."""
+    from rgpo.trainer import RGPOTrainer
+
+    trainer = RGPOTrainer(tiny_cfg(tmp_path, "loss.aggregation=dapo", "optim.max_steps=1", "checkpoint.every=0",
+                                   "logging.mode=disabled", "rollout.image.enabled=false"))
+    trainer.train()
+    rollout = trainer._last_rollout
+    tokens = rollout.completions.completion_mask.sum().item()
+    assert trainer.dapo_token_normalizer(rollout).item() == tokens / 2
+    assert math.isfinite(trainer.history[0]["loss/total"])
+
+
 def test_text_only_mode_is_plain_vlm_grpo(tmp_path):
     """rollout.image.enabled=false: no images, no image KL, and the LoRA still learns from the text loss."""
     from rgpo.trainer import RGPOTrainer
