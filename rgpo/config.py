@@ -394,13 +394,23 @@ def _validate_image_policy(cfg: RGPOConfig) -> None:
         _require(img.images_per_chain >= 2, "rollout.image.images_per_chain", img.images_per_chain,
                  f">= 2 when loss.image_pg_coef={lc.image_pg_coef}: image advantages are normalised within each "
                  "chain's M images, and one image has nothing to compare with")
-        _require(t.decoder_lora_r > 0 or t.train_connector, "trainable.decoder_lora_r / trainable.train_connector",
-                 (t.decoder_lora_r, t.train_connector),
-                 f"a trainable image side when loss.image_pg_coef={lc.image_pg_coef}: set trainable.decoder_lora_r > 0 "
-                 "(LoRA on the decoder's attention) and/or trainable.train_connector=true")
+        _require_image_gradient_path(cfg, f"loss.image_pg_coef={lc.image_pg_coef}")
     if lc.image_regularizer == "gaussian_kl" and lc.image_kl_coef > 0 and img.enabled:
         _require(img.noise_level > 0, "rollout.image.noise_level", img.noise_level,
                  "> 0 when loss.image_regularizer=gaussian_kl: its KL is taken on the recorded SDE steps")
+        _require_image_gradient_path(cfg, f"loss.image_regularizer=gaussian_kl with loss.image_kl_coef="
+                                          f"{lc.image_kl_coef}")
+
+
+def _require_image_gradient_path(cfg: RGPOConfig, loss: str) -> None:
+    """The SDE-step image losses see the recorded (detached) condition: without a trainable decoder LoRA or
+    connector, or the condition's gradient let through to the VLM, they would be logged but train nothing."""
+    t, lc = cfg.trainable, cfg.loss
+    _require(t.decoder_lora_r > 0 or t.train_connector or lc.image_condition_grad,
+             "trainable.decoder_lora_r / trainable.train_connector / loss.image_condition_grad",
+             (t.decoder_lora_r, t.train_connector, lc.image_condition_grad),
+             f"a gradient path for {loss}: set trainable.decoder_lora_r > 0 (LoRA on the decoder's attention), "
+             "trainable.train_connector=true and/or loss.image_condition_grad=true (into the VLM)")
 
 
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:

@@ -105,11 +105,17 @@ def test_config_checks_name_the_keys():
         load_config(None, [*base, "rollout.image.noise_level=0"]).validate()
     with pytest.raises(ConfigError, match=r"rollout\.image\.images_per_chain=1 .*>= 2.*within each chain"):
         load_config(None, [*base, "rollout.image.images_per_chain=1"]).validate()
-    with pytest.raises(ConfigError, match=r"trainable\.decoder_lora_r / trainable\.train_connector=\(0, False\)"):
+    no_path = r"decoder_lora_r / trainable\.train_connector / loss\.image_condition_grad=\(0, False, False\) .*"
+    with pytest.raises(ConfigError, match=no_path + "image_pg_coef=1.0"):
         load_config(None, [*base, "trainable.decoder_lora_r=0"]).validate()
     load_config(None, [*base, "trainable.decoder_lora_r=0", "trainable.train_connector=true"]).validate()
+    load_config(None, [*base, "trainable.decoder_lora_r=0", "loss.image_condition_grad=true"]).validate()
     with pytest.raises(ConfigError, match=r"rollout\.image\.noise_level=0\.0 .*gaussian_kl"):
         load_config(None, ["data.train_file=x.jsonl", "loss.image_regularizer=gaussian_kl"]).validate()
+    # the MindOmni default (a VLM LoRA only) has no gradient path for a KL on the recorded steps either
+    with pytest.raises(ConfigError, match=no_path + "gaussian_kl"):
+        load_config(None, ["data.train_file=x.jsonl", "loss.image_regularizer=gaussian_kl",
+                           "rollout.image.noise_level=0.7"]).validate()
     with pytest.raises(ConfigError, match=r"rollout\.image\.sde_window=60 .*1\.\.rollout\.image\.steps=50"):
         load_config(None, [*base, "rollout.image.sde_window=60"]).validate()
     with pytest.raises(ConfigError, match=r"rollout\.image\.sde_window_range=\(0, 4\) .*sde_window=9"):
