@@ -216,6 +216,25 @@ def test_feature_kl_sums_tokens_and_averages_layers():
     torch.testing.assert_close(feature_kl(pol, ref), torch.tensor([one]), rtol=1e-5, atol=1e-6)
 
 
+def test_feature_kl_layer_by_layer_equals_the_whole_tensor_formula_with_its_gradient():
+    """Computed one layer at a time under recomputation, value and gradient equal the one-shot formula."""
+    g = torch.Generator().manual_seed(5)
+    pol = torch.randn(2, 4, 6, 16, generator=g, requires_grad=True)
+    ref = torch.randn(2, 4, 6, 16, generator=g)
+
+    def standardise(h):
+        return (h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-7)
+
+    log_p = torch.log_softmax(standardise(pol) / 3.0, -1)
+    log_q = torch.log_softmax(standardise(ref) / 3.0, -1)
+    whole = (log_q.exp() * (log_q - log_p)).sum(-1).sum(-1).mean(-1)
+    (whole_grad,) = torch.autograd.grad(whole.sum(), pol)
+    ours = feature_kl(pol, ref)
+    (ours_grad,) = torch.autograd.grad(ours.sum(), pol)
+    torch.testing.assert_close(ours, whole, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours_grad, whole_grad, rtol=1e-6, atol=1e-8)
+
+
 def test_feature_kl_zero_for_equal_and_positive_otherwise():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(3, 4, 6, 16, generator=g)
