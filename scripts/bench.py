@@ -915,7 +915,8 @@ def _naive_generate(model, prompts, *, num_generations: int, max_new_tokens: int
 
 def _naive_forward_text(model, prompts, completions, with_condition: bool):
     """Bench-only naive training forward: the full VLM forward's logits for EVERY position, a full-vocabulary
-    log-softmax, then a second backbone forward for the condition (the pre-norm states)."""
+    log-softmax, then a second backbone forward for the condition (the pre-norm states), over MindOmni's own
+    condition sequence: each prompt, its answer prefix and the closing newline, left-padded anew."""
     import torch
 
     from rgpo.models.mindomni import pack_left
@@ -930,9 +931,14 @@ def _naive_forward_text(model, prompts, completions, with_condition: bool):
     logps = logits[:, p_len - 1 : -1].float().log_softmax(-1).gather(-1, comp_ids[..., None])[..., 0]
     if not with_condition:
         return logps, None, None
-    states = model._backbone(ids, mask, prompts.vision)
-    part = torch.arange(comp_ids.shape[1])[None] < completions.condition_lengths[:, None]
-    condition, cond_mask = pack_left(states, torch.cat([prompts.attention_mask.bool(), part], dim=1))
+    rows = [prompts.input_ids[i][prompts.attention_mask[i].bool()].tolist()
+            + comp_ids[i, : int(completions.condition_lengths[i])].tolist() + model.condition_suffix_ids
+            for i in range(comp_ids.shape[0])]
+    width = max(len(r) for r in rows)
+    cond_ids = torch.tensor([[model.pad_token_id] * (width - len(r)) + r for r in rows], device=ids.device)
+    cond_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=ids.device)
+    states = model._backbone(cond_ids, cond_mask, prompts.vision)
+    condition, cond_mask = pack_left(states, cond_mask.bool())
     return logps, condition, cond_mask
 
 

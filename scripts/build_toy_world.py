@@ -11,9 +11,9 @@ Four stages, all on MindOmni's own classes at toy size (see :mod:`rgpo.toyworld`
    of the time. The answer always follows the chain's own reasoning.
 3. Decoder side (MindOmni's stage 1/2): the connector and the OmniGen decoder learn, by flow matching, to draw
    the picture a chain's ANSWER describes from the frozen VLM's hidden states of the whole conversation
-   (prompt + chain up to ``</answer>``), exactly the condition RGPO samples with. Chains here take every
-   colour x shape pair as their answer, so the decoder can draw held-out pairs while the VLM never saw a
-   held-out prompt.
+   (prompt + chain up to ``</answer>`` + the closing newline), exactly the condition RGPO samples with. Chains
+   here take every colour x shape pair as their answer, so the decoder can draw held-out pairs while the VLM
+   never saw a held-out prompt.
 4. CLIP: a tiny open_clip trained contrastively on the world's pictures and descriptions (the consistency
    reward's judge).
 

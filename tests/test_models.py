@@ -261,6 +261,8 @@ def test_condition_is_prenorm_prompt_plus_answer_prefix(model, with_images):
     post = ref.hidden_states[-1]  # transformers 5: POST-norm
     norm = model.hf_vlm().model.language_model.norm
     p = prompts.input_ids.shape[1]
+    suffix = model.condition_suffix_ids
+    assert model.tokenizer.decode(suffix) == "\n"
     for i in range(4):
         real = out.condition_mask[i].bool()
         # left-padded: all pads first
@@ -272,15 +274,25 @@ def test_condition_is_prenorm_prompt_plus_answer_prefix(model, with_images):
             ]
         )
         assert (
-            int(real.sum())
+            int(real.sum()) - len(suffix)
             == int(keep.sum())
             == int(prompts.attention_mask[i].sum()) + int(comp.condition_lengths[i])
         )
         cond = out.condition[i, real]
-        torch.testing.assert_close(norm(cond), post[i, keep], atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(cond, post[i, keep], atol=1e-3)  # it really is the pre-norm state
+        torch.testing.assert_close(norm(cond[: -len(suffix)]), post[i, keep], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(cond[: -len(suffix)], post[i, keep], atol=1e-3)  # really the pre-norm state
         assert (out.condition[i, ~real] == 0).all()
         assert keep[:p].sum() == prompts.attention_mask[i].sum()
+        # MindOmni's sequence, run on its own: the prompt, the answer prefix, then the newline.
+        prefix = comp.completion_ids[i, : int(comp.condition_lengths[i])].tolist() + suffix
+        alone = Completions(torch.tensor([prefix]), torch.ones(1, len(prefix), dtype=torch.long), [""],
+                            torch.tensor([len(prefix)]))
+        mindomni = plain_hf_forward(model, prompts.select([i]), alone, output_hidden_states=True).hidden_states[-1]
+        mindomni_keep = torch.cat([prompts.attention_mask[i].bool(), torch.ones(len(prefix), dtype=torch.bool)])
+        torch.testing.assert_close(norm(cond), mindomni[0, mindomni_keep], atol=1e-5, rtol=1e-5)
+    # the completion's log-probs do not see the newline
+    torch.testing.assert_close(out.logps, model.forward_text(prompts, comp, with_condition=False).logps,
+                               atol=1e-6, rtol=1e-6)
 
 
 def test_pack_left_orders_and_pads():

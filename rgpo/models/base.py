@@ -118,7 +118,8 @@ class ForwardOutput:
     ``logps[i, j]`` is log p(completion_ids[i, j] | everything before it); positions where the completion mask
     is 0 hold arbitrary finite values. ``condition`` / ``condition_mask`` are the decoder's conditioning inputs
     BEFORE the connector: the VLM's last-layer PRE-norm hidden states at the prompt tokens plus the first
-    ``condition_lengths[i]`` completion tokens, re-packed LEFT-padded. ``None`` when not asked for.
+    ``condition_lengths[i]`` completion tokens (plus any suffix the family's decoder was trained with, e.g.
+    MindOmni's closing newline), re-packed LEFT-padded. ``None`` when not asked for.
     ``entropy[i, j]`` is the entropy of the policy's next-token distribution at ``logps[i, j]``'s position,
     detached (a diagnostic; ``None`` when the family does not compute it).
     """

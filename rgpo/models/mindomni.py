@@ -42,6 +42,9 @@ NEGATIVE_PROMPT = (
     "too many fingers, long neck"
 )
 ANSWER_CLOSE = "</answer>"
+# MindOmni conditions its decoder (stage-2 training and RGPO alike) on the chat-templated conversation with the
+# assistant turn cut before ``</answer>`` and its end-of-turn replaced by this newline.
+CONDITION_SUFFIX = "\n"
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 # Never sampled: a vision placeholder in a completion would desynchronise the image features and positions.
 BANNED_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -89,6 +92,7 @@ class MindOmni(UnifiedModel):
         self.synced_generation: bool | None = None
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
         self.eos_token_ids = _token_ids(self.tokenizer, EOS_TOKENS)
+        self.condition_suffix_ids: list[int] = self.tokenizer(CONDITION_SUFFIX, add_special_tokens=False)["input_ids"]
         self.banned_token_ids = _token_ids(self.tokenizer, BANNED_TOKENS)
         if not self.eos_token_ids:
             raise ValueError(f"the tokenizer has none of the end tokens {EOS_TOKENS}")
@@ -188,11 +192,26 @@ class MindOmni(UnifiedModel):
         return ((real.cumsum(-1) - 1).clamp(min=0) * real)[None].expand(3, -1, -1)
 
     def _backbone(
-        self, ids: torch.Tensor, mask: torch.Tensor, vision: dict[str, torch.Tensor]
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        vision: dict[str, torch.Tensor],
+        *,
+        positions: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last-layer PRE-norm hidden states (N, S, H): the input of the language model's final norm (in
-        transformers 5, ``hidden_states[-1]`` is post-norm). Gradients flow to any LoRA inside."""
+        transformers 5, ``hidden_states[-1]`` is post-norm). Gradients flow to any LoRA inside. ``positions``
+        (3, N, S) and ``attention`` (N, S, S) bool, query x key, override the rope positions and the causal
+        padding mask."""
         hf = self.hf_vlm()
+        if attention is not None:
+            impl = hf.model.language_model.config._attn_implementation
+            if impl not in ("sdpa", "eager") or hf.model.language_model.has_sliding_layers:
+                raise ValueError(f"the image condition needs a custom attention mask, which attn_implementation="
+                                 f"{impl!r} (sliding layers: {hf.model.language_model.has_sliding_layers}) cannot "
+                                 "take: load the VLM with 'sdpa' or 'eager'")
+            attention = {"full_attention": attention[:, None]}
         captured: list[torch.Tensor] = []
         hook = hf.model.language_model.norm.register_forward_hook(
             lambda m, args, out: captured.append(args[0])
@@ -202,8 +221,8 @@ class MindOmni(UnifiedModel):
             # Text only: the text model directly (the VLM wrapper would only embed the ids and call it).
             (hf.model if vision else hf.model.language_model)(
                 input_ids=ids,
-                attention_mask=mask,
-                position_ids=self._position_ids(ids, mask, vision),
+                attention_mask=attention if attention is not None else mask,
+                position_ids=positions if positions is not None else self._position_ids(ids, mask, vision),
                 use_cache=False,
                 **vision,
             )
@@ -386,25 +405,41 @@ class MindOmni(UnifiedModel):
     ) -> ForwardOutput:
         """ONE backbone forward over prompt + completion: log-probs (N, T) and, optionally, the condition.
 
-        The condition is the pre-norm states of the prompt's real tokens and the first ``condition_lengths[i]``
-        completion tokens, re-packed left-padded: (N, L, H_vlm) with mask (N, L).
+        The condition is MindOmni's: the pre-norm states of the prompt's real tokens, the first
+        ``condition_lengths[i]`` completion tokens and the :data:`CONDITION_SUFFIX` newline after them, re-packed
+        left-padded: (N, L, H_vlm) with mask (N, L). The newline rides at the end of the same forward: it attends
+        to the prompt and the answer prefix only, at the position right after the prefix, and no token attends to
+        it, so its state is that of the sequence MindOmni re-runs and the completion's log-probs do not change.
         """
         device = self.device
         prompts, completions = prompts.to(device), completions.to(device)
         p_len = prompts.input_ids.shape[1]
         comp_ids = completions.completion_ids
+        n, t = comp_ids.shape
         ids = torch.cat([prompts.input_ids, comp_ids], dim=1)
         mask = torch.cat(
             [prompts.attention_mask, completions.completion_mask.to(prompts.attention_mask.dtype)], dim=1
         )
-        states = self._backbone(ids, mask, prompts.vision)  # (N, P + T, H)
-        logps, entropy = self._completion_logps(states[:, p_len - 1 : -1], comp_ids)
         if not with_condition:
+            states = self._backbone(ids, mask, prompts.vision)  # (N, P + T, H)
+            logps, entropy = self._completion_logps(states[:, p_len - 1 : -1], comp_ids)
             return ForwardOutput(logps, entropy=entropy)
-        completion_part = (
-            torch.arange(comp_ids.shape[1], device=device)[None] < completions.condition_lengths[:, None]
-        )
-        selected = torch.cat([prompts.attention_mask.bool(), completion_part], dim=1)
+        prefix_end = p_len + completions.condition_lengths  # (N,) index right after each row's answer prefix
+        suffix = torch.tensor(self.condition_suffix_ids, dtype=ids.dtype, device=device).expand(n, -1)
+        positions = self._position_ids(ids, mask, prompts.vision)  # the suffix continues after the prefix:
+        last = positions.gather(2, (prefix_end - 1)[None, :, None].expand(3, -1, 1))  # (3, N, 1)
+        suffix_positions = last + torch.arange(1, suffix.shape[1] + 1, device=device)
+        states = self._backbone(
+            torch.cat([ids, suffix], dim=1),
+            torch.cat([mask, torch.ones_like(suffix, dtype=mask.dtype)], dim=1),
+            prompts.vision,
+            positions=torch.cat([positions, suffix_positions], dim=2),
+            attention=condition_attention(mask.bool(), prefix_end, suffix.shape[1]),
+        )  # (N, P + T + k, H)
+        logps, entropy = self._completion_logps(states[:, p_len - 1 : p_len + t - 1], comp_ids)
+        completion_part = torch.arange(t, device=device)[None] < completions.condition_lengths[:, None]
+        selected = torch.cat([prompts.attention_mask.bool(), completion_part, torch.ones_like(suffix, dtype=torch.bool)],
+                             dim=1)
         condition, cond_mask = pack_left(states, selected)
         return ForwardOutput(logps, condition, cond_mask, entropy)
 
@@ -665,6 +700,20 @@ def answer_condition_length(decode: Callable[[Sequence[int]], str], ids: Sequenc
     while lo > 0 and not before.startswith(decode(ids[:lo])):
         lo -= 1
     return lo
+
+
+def condition_attention(real: torch.Tensor, prefix_end: torch.Tensor, suffix_len: int) -> torch.Tensor:
+    """(N, S + k, S + k) bool, query x key, for ``real`` (N, S) tokens followed by ``suffix_len`` = k suffix tokens:
+    causal over the real keys; each suffix query sees only the keys before ``prefix_end[i]`` and the suffix up to
+    itself. Every query sees itself, so a padding row is never empty (SDPA would give NaN)."""
+    n, s = real.shape
+    total = s + suffix_len
+    index = torch.arange(total, device=real.device)
+    keys = torch.cat([real, torch.ones(n, suffix_len, dtype=torch.bool, device=real.device)], dim=1)
+    allowed = (index[None, :, None] >= index[None, None, :]) & keys[:, None, :]  # causal x real keys
+    prefix_only = (index[None, :] < prefix_end[:, None]) | (index[None, :] >= s)  # (N, keys)
+    allowed[:, s:] &= prefix_only[:, None, :]
+    return allowed | torch.eye(total, dtype=torch.bool, device=real.device)
 
 
 def pack_left(states: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
