@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +71,11 @@ def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: i
     return ds
 
 
+@functools.cache
 def fused_adam_available() -> bool:
-    """Whether DeepSpeed's FusedAdam can load here: CUDA, and the op prebuilt or nvcc + ninja to build it."""
+    """Whether DeepSpeed's FusedAdam loads here: CUDA, and the op prebuilt, or built now (nvcc + ninja; the build
+    is cached for DeepSpeed's own load). A build that fails (a CUDA toolkit that does not match torch's, an
+    unwritable cache) falls back to torch's AdamW with a warning instead of failing the launch."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -83,7 +88,17 @@ def fused_adam_available() -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
 
     nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
-    return nvcc.is_file() and shutil.which("ninja") is not None
+    if not (nvcc.is_file() and shutil.which("ninja") is not None):
+        return False
+    try:
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+
+        FusedAdamBuilder().load(verbose=False)
+    except Exception as err:  # noqa: BLE001 - any build failure means: use torch's AdamW
+        warnings.warn(f"DeepSpeed's FusedAdam could not be built ({type(err).__name__}: {err}); torch's AdamW "
+                      "runs instead", stacklevel=2)
+        return False
+    return True
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

@@ -77,6 +77,10 @@ TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 TOP_PHASES = ("rollout", "rewards", "advantages", "update")
 # --mindomni-7b: configs/mindomni_rgpo.yaml (bf16, LoRA r64/alpha128/dropout 0.05, gradient checkpointing, ZeRO-2,
 # 512x512, 50 steps, guidance 3) on one GPU with random weights of the released sizes.
+# Estimated from the sizes (no GPU run yet): the 7B step allocates ~40 GiB at its peak and the bare pieces add a
+# second model with its LoRA state (~25 GiB), too close to an 80 GB card's limit once the caching allocator's
+# slack and the CUDA context are counted.
+BARE_7B_MIN_GIB = 100
 MINDOMNI_7B_OVERRIDES = [
     "model.path=random:mindomni-7b",
     f"data.train_file={REPO / 'configs' / 'prompts' / 'sample.jsonl'}",
@@ -320,6 +324,7 @@ def _measure_step(trainer, timer_cls, warmup: bool, base_rss: int, phase_memory:
         torch.cuda.synchronize()
     step_s = time.perf_counter() - t
     peak = MEM.peak()
+    reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None
     timer = timer_cls.current
     peak = max([peak, *timer.peaks.values()])
     rollout = trainer._last_rollout
@@ -330,6 +335,7 @@ def _measure_step(trainer, timer_cls, warmup: bool, base_rss: int, phase_memory:
         "phases_s": dict(timer.seconds),
         "phase_peak_mib": {k: mib(v - start_mem) for k, v in timer.peaks.items()},
         "peak_mib": mib(peak),
+        "peak_reserved_mib": mib(reserved) if reserved is not None else None,  # CUDA: allocated + cached blocks
         "transient_mib": mib(peak - start_mem),
         "footprint_mib": mib(peak - base_rss),
         "tokens": int(rollout.completions.completion_mask.sum()),
@@ -395,8 +401,10 @@ def run_rgpo(spec: dict[str, Any]) -> dict[str, Any]:
         bare = BarePieces(spec, cfg) if spec.get("bare") else None
         gc.collect()
         base_rss = MEM.current()
+        _sync()  # CUDA started before the clock (the bare pieces may have started it already)
         t0 = time.perf_counter()
         trainer = _build_rgpo(spec, cfg, timer_cls)
+        _sync()  # random initialisation runs queued kernels
         build_s = time.perf_counter() - t0
         built_rss = MEM.current()
         trainable_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -468,6 +476,7 @@ def _summarise(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "phase_s": phase_s,
         "phase_peak_mib": {k: max(s["phase_peak_mib"].get(k, 0.0) for s in memory) for k in phases} if memory else {},
         "peak_mib": max(s["peak_mib"] for s in measured + memory),
+        "peak_reserved_mib": max((s["peak_reserved_mib"] or 0.0) for s in measured + memory) or None,
         "transient_mib": max(s["transient_mib"] for s in measured + memory),
         "footprint_mib": max(s["footprint_mib"] for s in measured + memory),
         "tokens_per_step": tokens,
@@ -506,6 +515,8 @@ class BarePieces:
         self.model = model = apply_trainable(model, cfg).to(self.device)
         _ban_eos(model, spec)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.params:  # peft leaves new adapters float32; DeepSpeed casts the trainer's to the run's dtype
+            p.data = p.data.to(model.dtype)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
                                      weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_eps)
         self.rows = load_prompts(cfg.data.train_file)
@@ -1289,6 +1300,14 @@ def _zero3_ablation(spec, tmp: Path, rounds, sync, row) -> None:
 
 
 # ================================================================================================ worker entry
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.init()
+        torch.cuda.synchronize()
+
+
 def worker_main(spec_file: str, out_file: str) -> None:
     global MEM
     import torch
@@ -1297,6 +1316,9 @@ def worker_main(spec_file: str, out_file: str) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # the float32 parts (CLIP, VAE) on tensor cores, as a GPU user would run them
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     MEM = PeakMemory(device)
     results = []
     for case in spec["cases"]:
@@ -1593,7 +1615,7 @@ def parse_args(argv=None):
                          "sizes, model.path=random:mindomni-7b), bf16, LoRA r64, one group of G=4, 512 tokens per "
                          "chain, 512x512 images, 50 decoder steps, guidance 3, format + CLIP ViT-L/14-336 (random) "
                          "rewards: the full step and its bare pieces only (the bare pieces hold a second copy of "
-                         "the model: add --skip-bare below ~60 GB of GPU memory)")
+                         f"the model: skipped below {BARE_7B_MIN_GIB} GiB of GPU memory)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps per configuration (median; default 5; --mindomni-7b: 3)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, not measured (default 2; "
                     "--mindomni-7b: 1)")
@@ -1647,6 +1669,12 @@ def main(argv=None) -> int:
         args.config = str(REPO / "configs" / "mindomni_rgpo.yaml")
         overrides = [*MINDOMNI_7B_OVERRIDES, *overrides]  # later --set values win
         args.skip_trl = args.skip_scaling = args.skip_ablations = True
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+        if not args.skip_bare and gpu_gib < BARE_7B_MIN_GIB:
+            print(f"[bench] {gpu_gib:.0f} GiB of GPU memory: the bare pieces' second model copy needs about "
+                  f"{BARE_7B_MIN_GIB} GiB beside the trainer's (estimated), so they are skipped",
+                  file=sys.stderr)
+            args.skip_bare = True
     if args.quick:
         args.config = str(TINY_CONFIG) if args.config == str(TINY_CONFIG) else args.config
         overrides = ["model.path=tiny", "model.dtype=float32", *overrides]
