@@ -236,9 +236,17 @@ class ToyEvaluation:
     clip_consistency: float
     samples: list[dict[str, Any]]
 
+    @property
+    def clip_when_correct(self) -> float:
+        """Mean CLIP consistency of the correctly reasoned chains' images: how well the decoder draws a right
+        answer, the ceiling of ``clip_consistency`` (NaN without a correct chain)."""
+        scores = [s["clip"] for s in self.samples if s["correct"]]
+        return sum(scores) / len(scores) if scores else float("nan")
+
     def figures(self) -> dict[str, float]:
         return {"format_rate": self.format_rate, "reasoning_accuracy": self.reasoning_accuracy,
-                "clip_consistency": self.clip_consistency, "chains": float(len(self.samples))}
+                "clip_consistency": self.clip_consistency, "clip_when_correct": self.clip_when_correct,
+                "chains": float(len(self.samples))}
 
 
 def evaluate(

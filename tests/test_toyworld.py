@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -140,3 +141,11 @@ def test_a_shortened_rgpo_run_on_the_toy_world_raises_the_reward(tmp_path):
     first, last = range(1, 7), range(steps - 5, steps + 1)
     assert mean("reward/total", last) > mean("reward/total", first) + 0.05
     assert mean("reward/format/mean", last) > mean("reward/format/mean", first)
+
+
+def test_clip_when_correct_averages_the_correct_chains_only():
+    samples = [{"correct": True, "clip": 0.9}, {"correct": False, "clip": 0.1}, {"correct": True, "clip": 0.7}]
+    ev = world.ToyEvaluation(format_rate=1.0, reasoning_accuracy=2 / 3, clip_consistency=1.7 / 3, samples=samples)
+    assert ev.clip_when_correct == pytest.approx(0.8)
+    assert ev.figures()["clip_when_correct"] == pytest.approx(0.8)
+    assert math.isnan(world.ToyEvaluation(0.0, 0.0, 0.1, [{"correct": False, "clip": 0.1}]).clip_when_correct)
