@@ -295,6 +295,23 @@ def test_condition_is_prenorm_prompt_plus_answer_prefix(model, with_images):
                                atol=1e-6, rtol=1e-6)
 
 
+def test_condition_is_the_same_under_eager_attention(model):
+    """The condition's own attention mask (a boolean one for SDPA) is turned into eager attention's additive one."""
+    batch = model.build_prompts(TEXT_ROWS)
+    comp = model.generate(batch, num_generations=2, max_new_tokens=8, generator=torch.Generator().manual_seed(6))
+    prompts = batch.repeat_interleave(2)
+    sdpa = model.forward_text(prompts, comp)
+    config = model.hf_vlm().model.language_model.config
+    config._attn_implementation = "eager"
+    try:
+        eager = model.forward_text(prompts, comp)
+    finally:
+        config._attn_implementation = "sdpa"
+    assert torch.equal(sdpa.condition_mask, eager.condition_mask)
+    torch.testing.assert_close(eager.condition, sdpa.condition, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager.logps, sdpa.logps, atol=1e-5, rtol=1e-5)
+
+
 def test_pack_left_orders_and_pads():
     states = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
     selected = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)

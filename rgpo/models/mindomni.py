@@ -211,6 +211,9 @@ class MindOmni(UnifiedModel):
                 raise ValueError(f"the image condition needs a custom attention mask, which attn_implementation="
                                  f"{impl!r} (sliding layers: {hf.model.language_model.has_sliding_layers}) cannot "
                                  "take: load the VLM with 'sdpa' or 'eager'")
+            if impl == "eager":  # eager attention adds the mask to its scores
+                attention = torch.zeros(attention.shape, dtype=self.dtype, device=attention.device).masked_fill_(
+                    ~attention, torch.finfo(self.dtype).min)
             attention = {"full_attention": attention[:, None]}
         captured: list[torch.Tensor] = []
         hook = hf.model.language_model.norm.register_forward_hook(
