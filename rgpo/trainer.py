@@ -87,6 +87,15 @@ def global_advantages(per_reward: torch.Tensor, weights: list[float], global_ind
     return local, ordered, totals
 
 
+def dapo_token_normalizer(completion_mask: torch.Tensor, micro_batches: int) -> torch.Tensor:
+    """The "dapo" divisor of a micro-batch's summed token loss: the completion tokens of the whole batch (every
+    rank's ``completion_mask`` summed) over the micro-batch losses that DeepSpeed averages (ranks x the
+    ``micro_batches`` of each rank), so the update is the global token mean however the chains are spread.
+    Collective: every rank calls it."""
+    tokens = dist_utils.all_gather_cat(completion_mask.sum().float()[None]).sum()
+    return tokens.clamp(min=1.0) / (dist_utils.world_size() * micro_batches)
+
+
 # ================================================================================================ images
 def draw_images(model: UnifiedModel, condition: torch.Tensor, condition_mask: torch.Tensor, noise: torch.Tensor,
                 icfg: ImageSamplingConfig, reference: UnifiedModel | None = None) -> list:
@@ -472,13 +481,8 @@ class RGPOTrainer:
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     def dapo_token_normalizer(self, rollout: Rollout) -> torch.Tensor:
-        """The "dapo" divisor of a micro-batch's summed token loss: the completion tokens of the whole batch (all
-        ranks) over the micro-batch losses DeepSpeed averages (ranks x accumulation steps), so the update is the
-        global token mean however the chains are spread."""
-        tokens = rollout.completions.completion_mask.sum().to(self.device, torch.float32)
-        tokens = dist_utils.all_gather_cat(tokens[None]).sum()
         micro_batches = -(-len(rollout.rows) // self.cfg.optim.micro_batch_size)
-        return tokens.clamp(min=1.0) / (self.world * micro_batches)
+        return dapo_token_normalizer(rollout.completions.completion_mask.to(self.device), micro_batches)
 
     def micro_batch_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: list[int],
                          token_normalizer: torch.Tensor | None = None):

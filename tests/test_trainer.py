@@ -53,6 +53,24 @@ def test_group_spanning_two_ranks_gets_single_rank_advantages():
     torch.testing.assert_close(torch.cat([out[0], out[1]]), expected)
 
 
+def _dapo_worker(rank, world, port, masks, out):
+    import torch.distributed as dist
+
+    from rgpo.trainer import dapo_token_normalizer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    out[rank] = dapo_token_normalizer(masks[rank], micro_batches=2).item()
+    dist.destroy_process_group()
+
+
+def test_dapo_normalizer_counts_every_ranks_tokens():
+    """Rank 0 holds 5 completion tokens, rank 1 holds 9: both divide by (5 + 9) / (2 ranks x 2 micro-batches)."""
+    masks = [torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])]
+    out = mp.Manager().dict()
+    mp.spawn(_dapo_worker, args=(2, free_port(), masks, out), nprocs=2, join=True)
+    assert dict(out) == {0: 14 / 4, 1: 14 / 4}
+
+
 # ------------------------------------------------------------------------------------ single process
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
