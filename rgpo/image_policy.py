@@ -251,10 +251,7 @@ class ImagePolicy:
         embeds = _call(call, "connect", cond, mask)
         neg = neg_mask = None
         if self.sampling.guidance_scale != 1.0:
-            # The negative prompt is the reference's: full fine-tuning's frozen copy, else the model (the engine's,
-            # or the model itself), which computes it with its adapter disabled.
-            owner = self.trainer.reference if self.trainer.reference is not None else getattr(call, "module", call)
-            neg_states, neg_mask = owner.negative_condition(cond.shape[0])
+            neg_states, neg_mask = self.trainer.negative_source.negative_condition(cond.shape[0])
             neg = _call(call, "connect", neg_states, neg_mask)
         return embeds, mask, neg, neg_mask
 

@@ -98,14 +98,15 @@ def dapo_token_normalizer(completion_mask: torch.Tensor, micro_batches: int) -> 
 
 # ================================================================================================ images
 def draw_images(model: UnifiedModel, condition: torch.Tensor, condition_mask: torch.Tensor, noise: torch.Tensor,
-                icfg: ImageSamplingConfig, reference: UnifiedModel | None = None) -> list:
+                icfg: ImageSamplingConfig, negative_from: UnifiedModel | None = None) -> list:
     """One image per row: connector, guided Euler sampling from ``noise`` against the fixed negative prompt
-    (skipped at guidance 1), VAE decode. The negative prompt's states come from ``reference`` when given (full
-    fine-tuning's frozen copy), else from ``model`` (which computes them with its adapter disabled)."""
+    (skipped at guidance 1), VAE decode. The negative prompt's states come from ``negative_from`` (the trainer's
+    :attr:`RGPOTrainer.negative_source`), else from ``model`` (which computes them with its adapter disabled)."""
     cond = model.connect(condition, condition_mask)
     neg, neg_mask = None, None
     if icfg.guidance_scale != 1.0:
-        neg_states, neg_mask = (reference if reference is not None else model).negative_condition(condition.shape[0])
+        source = negative_from if negative_from is not None else model
+        neg_states, neg_mask = source.negative_condition(condition.shape[0])
         neg = model.connect(neg_states, neg_mask)
     latents = model.sample_latents(cond, condition_mask, neg, neg_mask, noise, icfg)
     return model.decode_latents(latents)
@@ -316,6 +317,12 @@ class RGPOTrainer:
         return MetricsHistory(inner, self.out / "metrics.jsonl")
 
     # ------------------------------------------------------------------------------------------- contexts
+    @property
+    def negative_source(self) -> UnifiedModel:
+        """The model whose VLM encodes the guidance negative: always the reference's, so training never moves it
+        (full fine-tuning's frozen copy; else the model, which encodes it with its adapter disabled)."""
+        return self.reference if self.reference is not None else self.model
+
     @contextmanager
     def reference_context(self):
         """Run the model as the reference: the LoRA adapter disabled (MindOmni), or the frozen copy."""
@@ -426,7 +433,7 @@ class RGPOTrainer:
         """One image per chain. The initial noise depends only on the seed and (per-sample mode) on the chain's
         global index, so a group spread over ranks still shares it."""
         noise = self._initial_noise(global_indices, groups)
-        return draw_images(self.model, condition, condition_mask, noise, self.image_cfg, self.reference)
+        return draw_images(self.model, condition, condition_mask, noise, self.image_cfg, self.negative_source)
 
     def _initial_noise(self, global_indices: list[int], groups: list[int], image: int = 0) -> torch.Tensor:
         """(n, C, h, w) initial latents of each chain's image number ``image`` (> 0: rgpo.image_policy's extra
