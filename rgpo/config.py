@@ -57,7 +57,8 @@ class TrainableConfig:
     lora_dropout: float = 0.05
     """Dropout on the LoRA input (MindOmni: 0.05). Set 0 for bit-exact reproducibility checks."""
     train_connector: bool = False
-    """Also train the connector (MindOmni freezes it; gradients flow through it either way)."""
+    """Also train the connector (MindOmni freezes it; gradients flow through it either way). In LoRA mode the
+    reference runs a frozen copy of the connector as built."""
     decoder_lora_r: int = 0
     """Rank of a LoRA on the decoder's attention projections; 0 = decoder frozen (MindOmni)."""
     decoder_lora_alpha: int | None = None

@@ -267,6 +267,10 @@ class RGPOTrainer:
         _restore_float32_weights(model, float32)  # bf16/fp16 runs: DeepSpeed cast them with the rest
         ckpt.use_weights_only_loading(self.engine)  # resume reads engine files with weights_only=True
         self.model: UnifiedModel = self.engine.module
+        if cfg.trainable.mode == "lora" and cfg.trainable.train_connector:
+            # The connector trains in full beside the LoRA and has no adapter to switch off: the reference keeps a
+            # copy of it as built (taken before any resume loads trained weights into it).
+            self.model.keep_reference_connector(self._whole_parameters)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -291,6 +295,14 @@ class RGPOTrainer:
         self._hf_ds = HfDeepSpeedConfig(ds_config)  # kept alive: transformers checks it while building
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             return build_model(cfg)
+
+    def _whole_parameters(self, params: list[torch.nn.Parameter]):
+        """A context in which ``params`` hold their full values on every rank (ZeRO-3 gathers them)."""
+        if not self.zero3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def _build_reference(self, cfg: RGPOConfig, ds_config: dict, ref: UnifiedModel | None = None):
         """Full fine-tuning needs a frozen copy (``ref``, else built from ``model.path``): under ZeRO-3 its own
@@ -695,12 +707,7 @@ class RGPOTrainer:
         from safetensors.torch import save_file
 
         named = trainable_parameters(self.model)
-        ctx = nullcontext()
-        if self.zero3:
-            import deepspeed
-
-            ctx = deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None)
-        with ctx:
+        with self._whole_parameters(list(named.values())):
             if self.rank == 0:
                 save_file({n: p.detach().to("cpu").contiguous().clone() for n, p in named.items()},
                           str(path / "trainable.safetensors"))

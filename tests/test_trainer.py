@@ -233,6 +233,32 @@ def test_full_fine_tuning_with_frozen_reference(tmp_path):
     assert asked == [8]
 
 
+@pytest.mark.parametrize("zero3", [False, True], ids=["no-zero3", "zero3"])
+def test_lora_run_training_the_connector_keeps_it_as_built_for_the_reference(tmp_path, zero3):
+    """trainable.train_connector=true beside the VLM LoRA: the connector trains in full and has no adapter to
+    switch off, so the reference (the image KL's frozen branch) runs a copy of the connector as it was built."""
+    from rgpo.trainer import RGPOTrainer
+
+    extra = [f"deepspeed.config={REPO / 'configs' / 'zero3.json'}"] if zero3 else []
+    trainer = RGPOTrainer(tiny_cfg(tmp_path, "trainable.train_connector=true", "optim.max_steps=3",
+                                   "checkpoint.every=0", "logging.mode=disabled", *extra))
+    assert trainer.zero3 == zero3
+    states = torch.randn(2, 5, trainer.model.connector.proj.in_features, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad(), trainer.gathered():  # ZeRO-3: whole weights for a call outside the engine
+        as_built = trainer.model.connect(states, mask)
+    trainer.train()
+    assert all(math.isfinite(row["kl/image"]) for row in trainer.history)
+    with torch.no_grad(), trainer.gathered():
+        trained = trainer.model.connect(states, mask)
+        with trainer.reference_context() as reference:
+            frozen = reference.connect(states, mask)
+    assert (trained - as_built).abs().max() > 1e-4  # the connector did train
+    torch.testing.assert_close(frozen, as_built, rtol=0, atol=0)
+    # the copy is no parameter of the model: nothing trains it, ZeRO-3 does not partition it, checkpoints skip it
+    assert not any("reference_connector" in name for name, _ in trainer.model.named_parameters())
+
+
 def test_full_fine_tuning_of_a_given_model_copies_it_as_the_reference(tmp_path):
     from rgpo.models.tiny import build_tiny_mindomni
     from rgpo.trainer import RGPOTrainer

@@ -13,7 +13,7 @@ Conventions shared by every method:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -303,16 +303,29 @@ class UnifiedModel(torch.nn.Module):
         raise NotImplementedError
 
     # -- what trains ----------------------------------------------------------------------------------------------
+    running_as_reference = False  # True inside adapter_disabled(): parts kept as a frozen copy use the copy
+
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
         """Run as the reference: the VLM's peft adapter and any LoRA injected into the decoder
-        (``trainable.decoder_lora_r``) disabled (a no-op for parts that carry none)."""
-        with decoder_adapters_disabled(getattr(self, "decoder", None)):
-            if hasattr(self.vlm, "disable_adapter"):
-                with self.vlm.disable_adapter():
+        (``trainable.decoder_lora_r``) disabled (a no-op for parts that carry none), and a part trained in full
+        beside the adapter (the connector) replaced by the copy :meth:`keep_reference_connector` made."""
+        self.running_as_reference = True
+        try:
+            with decoder_adapters_disabled(getattr(self, "decoder", None)):
+                if hasattr(self.vlm, "disable_adapter"):
+                    with self.vlm.disable_adapter():
+                        yield
+                else:
                     yield
-            else:
-                yield
+        finally:
+            self.running_as_reference = False
+
+    def keep_reference_connector(self, gathered: Callable[[list[torch.nn.Parameter]], Any] | None = None) -> None:
+        """Keep a frozen copy of the connector's current weights for :meth:`adapter_disabled` to run: a LoRA run
+        that also trains the connector in full has no adapter to switch off there. ``gathered(params)`` is a
+        context that makes partitioned (ZeRO-3) weights whole while they are copied."""
+        raise NotImplementedError(f"{type(self).__name__} cannot keep a frozen reference connector")
 
     def float32_modules(self) -> list[str]:
         """Names of submodules whose weights stay float32 whatever the run's dtype (MindOmni: the VAE). DeepSpeed

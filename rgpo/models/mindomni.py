@@ -13,6 +13,7 @@ reference model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from rgpo.sde import SDETrajectory, random_window_start, sample_flow, stochastic_steps
 
 from .base import Completions, DecoderOutput, ForwardOutput, ImageSamplingConfig, PromptBatch, UnifiedModel
+from .connector import MindOmniConnector
 from .omnigen import build_condition_cache, decoder_forward, decoder_forward_cached, num_image_tokens
 
 SYSTEM_PROMPT = (
@@ -472,8 +474,28 @@ class MindOmni(UnifiedModel):
 
     # -- image side -----------------------------------------------------------------------------------------------
     def connect(self, condition: torch.Tensor, condition_mask: torch.Tensor) -> torch.Tensor:
-        """VLM states (N, L, H_vlm) -> decoder condition embeddings (N, L, D)."""
-        return self.connector(condition, condition_mask)
+        """VLM states (N, L, H_vlm) -> decoder condition embeddings (N, L, D); as the reference, through the frozen
+        copy when :meth:`keep_reference_connector` made one."""
+        frozen = self.__dict__.get("reference_connector")
+        connector = frozen if frozen is not None and self.running_as_reference else self.connector
+        return connector(condition, condition_mask)
+
+    def keep_reference_connector(self, gathered: Callable[[list[nn.Parameter]], Any] | None = None) -> None:
+        source = self.connector
+        if not isinstance(source, MindOmniConnector):
+            raise TypeError(f"keep_reference_connector copies a MindOmniConnector, not {type(source).__name__}")
+        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation must not move the run's seeds
+            frozen = MindOmniConnector(source.proj.in_features, source.config, num_layers=len(source.layers))
+        frozen.to(self.device)  # rotary buffers: recomputed from the same config, as in the source
+        sources = list(source.parameters())
+        with gathered(sources) if gathered is not None else contextlib.nullcontext():
+            whole = dict(source.named_parameters())
+            for name, param in frozen.named_parameters():
+                param.data = whole[name].detach().clone()
+        frozen.requires_grad_(False).eval()
+        # Outside the module tree on purpose: not trained, not partitioned by ZeRO-3, not in checkpoints (a resume
+        # rebuilds it from model.path, which still holds the connector as it was before training).
+        object.__setattr__(self, "reference_connector", frozen)
 
     def decode_step(
         self,
