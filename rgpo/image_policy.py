@@ -186,7 +186,8 @@ class ImagePolicy:
                                            generator=[gens[j] for j in images_of_rows] if gens else None)
                 traj = out if isinstance(out, SDETrajectory) else None
                 images += model.decode_latents(traj.latents if traj is not None else out)
-                trajectories.append(traj)
+                if self.recompute:  # kept only for an image loss that replays the steps
+                    trajectories.append(traj)
         sde = SDETrajectory.cat(trajectories) if self.recompute else None
         record = ImageRollout(self.M, images, condition, condition_mask, sde)
         return [images[i * self.M] for i in range(n)], record
