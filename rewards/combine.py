@@ -6,6 +6,7 @@ import concurrent.futures
 import math
 import numbers
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ def combine(
     images: list[Any],
     columns: Mapping[str, list[Any]],
     timeout: float | None = None,
+    parallel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every reward on the batch and return ``(total, per_reward)``.
 
@@ -48,6 +50,8 @@ def combine(
         prompts, completions, images: the N samples.
         columns: the other data columns, each a list of N values, passed to the rewards as keywords.
         timeout: seconds each reward may take for the batch; None: no limit.
+        parallel: run the rewards at the same time, each in its own thread (for rewards that wait on something
+            else: a remote judge, a subprocess, another GPU). Errors are still reported in the rewards' order.
 
     Returns:
         total: (N,) float32, ``sum_r weight_r * reward_r`` over the rewards that apply to the sample. A
@@ -69,12 +73,22 @@ def combine(
     for reward, w in zip(rewards, weights):
         if not math.isfinite(w):
             raise RewardError(f"reward {reward_name(reward)!r} has weight {w}; weights must be finite")
-    per_reward = torch.full((n, len(rewards)), float("nan"), dtype=torch.float32)
-    for j, reward in enumerate(rewards):
-        name = reward_name(reward)
+    for reward in rewards:
         check_columns(reward, columns)
-        values = _call(reward, name, timeout, prompts, completions, images, columns)
-        per_reward[:, j] = torch.tensor(_validate(values, name, n), dtype=torch.float32)
+    per_reward = torch.full((n, len(rewards)), float("nan"), dtype=torch.float32)
+    if parallel and len(rewards) > 1:
+        # All start now, so each one's time limit counts from now (not from when the one before it finished).
+        deadline = None if timeout is None else time.monotonic() + timeout
+        started = [_start(reward, reward_name(reward), *_inputs(prompts, completions, images, columns))
+                   for reward in rewards]
+        outcomes = [lambda f=future, r=reward: _wait(f, reward_name(r), timeout, n, deadline)
+                    for future, reward in zip(started, rewards)]
+    else:
+        outcomes = [lambda r=reward: _call(r, reward_name(r), timeout, prompts, completions, images, columns)
+                    for reward in rewards]
+    for j, (reward, outcome) in enumerate(zip(rewards, outcomes)):
+        name = reward_name(reward)
+        per_reward[:, j] = torch.tensor(_validate(_named_errors(outcome, name), name, n), dtype=torch.float32)
     weighted = per_reward * torch.tensor([float(w) for w in weights], dtype=torch.float32)
     return torch.nansum(weighted, dim=1), per_reward
 
@@ -87,6 +101,13 @@ def _check_batch(n: int, completions: list[str], images: list[Any], columns: Map
         raise RewardError(f"batch has {n} prompts but {', '.join(wrong)}; every list needs one entry per sample")
 
 
+def _inputs(
+    prompts: list[str], completions: list[str], images: list[Any], columns: Mapping[str, list[Any]]
+) -> tuple[tuple[list[Any], ...], dict[str, list[Any]]]:
+    # Copies: a reward that edits its inputs in place must not change what another reward sees.
+    return (list(prompts), list(completions), list(images)), {k: list(v) for k, v in columns.items()}
+
+
 def _call(
     reward: Callable[..., Any],
     name: str,
@@ -96,26 +117,31 @@ def _call(
     images: list[Any],
     columns: Mapping[str, list[Any]],
 ) -> Any:
-    # Copies: a reward that edits its inputs in place must not change what the next reward sees.
-    args = (list(prompts), list(completions), list(images))
-    kwargs = {k: list(v) for k, v in columns.items()}
+    args, kwargs = _inputs(prompts, completions, images, columns)
+    if timeout is None:
+        return reward(*args, **kwargs)
+    deadline = time.monotonic() + timeout
+    return _wait(_start(reward, name, args, kwargs), name, timeout, len(prompts), deadline)
+
+
+def _named_errors(outcome: Callable[[], Any], name: str) -> Any:
+    """``outcome()``, with any exception but a RewardError turned into one that names the reward."""
     try:
-        if timeout is None:
-            return reward(*args, **kwargs)
-        return _call_with_timeout(reward, name, timeout, args, kwargs)
+        return outcome()
     except RewardError:
         raise
     except Exception as e:
         raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
 
 
-def _call_with_timeout(
-    reward: Callable[..., Any], name: str, timeout: float, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """Run the reward in a daemon thread and stop waiting after ``timeout`` seconds.
+def _start(
+    reward: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> concurrent.futures.Future[Any]:
+    """Run the reward in a daemon thread; its result (or exception) arrives in the returned future.
 
-    A Python thread cannot be killed: a reward that hangs keeps running in the background. The thread is a
-    daemon so that it cannot keep the process alive once training has failed with the error.
+    A Python thread cannot be killed: a reward that hangs past its timeout keeps running in the background. The
+    thread is a daemon so that it cannot keep the process alive once training has failed with the error (a
+    thread pool's workers would: the interpreter joins them at exit).
     """
     future: concurrent.futures.Future[Any] = concurrent.futures.Future()
     # The CUDA current device is per thread; a reward using plain "cuda" must see this rank's GPU.
@@ -132,12 +158,21 @@ def _call_with_timeout(
             future.set_exception(e)
 
     threading.Thread(target=run, name=f"reward-{name}", daemon=True).start()
+    return future
+
+
+def _wait(
+    future: concurrent.futures.Future[Any], name: str, timeout: float | None, n: int, deadline: float | None
+) -> Any:
+    """The reward's values, or a RewardError once the ``time.monotonic()`` ``deadline`` (its start + ``timeout``)
+    has passed; None: no limit."""
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
-        return future.result(timeout=timeout)
+        return future.result(timeout=remaining)
     except concurrent.futures.TimeoutError as e:
         if future.done():  # the reward itself raised a TimeoutError: report that, not ours
             raise
-        raise RewardError(f"reward {name!r} took longer than the timeout of {timeout} s for {len(args[0])} samples") from e
+        raise RewardError(f"reward {name!r} took longer than the timeout of {timeout} s for {n} samples") from e
 
 
 def _validate(values: Any, name: str, n: int) -> list[float]:

@@ -155,6 +155,9 @@ class RewardsConfig:
     """The reward functions, summed with their weights."""
     timeout_s: float | None = 600.0
     """Seconds a reward may take for one batch before the step fails with an error naming it; None: no limit."""
+    parallel: bool = False
+    """Run the reward functions at the same time, each in its own thread: worth it when rewards wait on
+    something else (a remote judge, a subprocess). The rewards must then not share unguarded state."""
 
 
 @dataclass

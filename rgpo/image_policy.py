@@ -266,7 +266,7 @@ class ImagePolicy:
         t, img, M = self.trainer, rollout.image_rollout, self.M
         rows = [row for row in rollout.rows for _ in range(M)]
         texts = [text for text in rollout.completions.texts for _ in range(M)]
-        per_image = score_samples(t.rewards, rows, texts, img.images, t.cfg.rewards.timeout_s, t.device)
+        per_image = score_samples(t.rewards, rows, texts, img.images, t.cfg.rewards, t.device)
         weights = [r.weight for r in t.rewards]
         image_indices = image_rows(rollout.global_indices, M)
         lc = t.cfg.loss

@@ -30,7 +30,7 @@ import torch
 import rewards as reward_lib
 from rgpo import checkpointing as ckpt
 from rgpo import distributed as dist_utils
-from rgpo.config import RGPOConfig, save_config, to_dict
+from rgpo.config import RewardsConfig, RGPOConfig, save_config, to_dict
 from rgpo.data import PromptRow, PromptSampler, check_columns, load_prompts
 from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
 from rgpo.image_policy import ImagePolicy, image_policy_active
@@ -112,7 +112,7 @@ def draw_images(model: UnifiedModel, condition: torch.Tensor, condition_mask: to
     return model.decode_latents(latents)
 
 
-def score_samples(rewards: list, rows: list[PromptRow], texts: list[str], images: list, timeout: float | None,
+def score_samples(rewards: list, rows: list[PromptRow], texts: list[str], images: list, cfg: RewardsConfig,
                   device: torch.device) -> torch.Tensor:
     """(n, R) every reward's raw value per sample (NaN where one does not apply), on ``device``; the rows' data
     columns are passed to the rewards as keywords."""
@@ -120,7 +120,7 @@ def score_samples(rewards: list, rows: list[PromptRow], texts: list[str], images
     for key in set().union(*(row.columns for row in rows)):
         columns[key] = [row.columns.get(key) for row in rows]
     _, per_reward = reward_lib.combine(rewards, [r.weight for r in rewards], [row.prompt for row in rows], texts,
-                                       images, columns, timeout=timeout)
+                                       images, columns, timeout=cfg.timeout_s, parallel=cfg.parallel)
     return per_reward.to(device, torch.float32)
 
 
@@ -470,7 +470,7 @@ class RGPOTrainer:
         if rollout.image_rollout is not None:  # every image scored; a chain's reward is its images' mean
             return self.image_policy.score(rollout)
         return score_samples(self.rewards, rollout.rows, rollout.completions.texts, rollout.images,
-                             self.cfg.rewards.timeout_s, self.device)
+                             self.cfg.rewards, self.device)
 
     def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """``num_iterations`` optimizer steps over the rank's chains, in micro-batches DeepSpeed accumulates.

@@ -262,6 +262,81 @@ def test_combine_timeout_error_raised_by_the_reward_is_not_a_timeout():
         _combine(raises_timeout, weights=[1.0], timeout=5)
 
 
+def _meeting(name, barrier, value, wait=10.0):
+    """A reward that returns only once every reward sharing ``barrier`` is running at the same time."""
+    def meet(prompts, completions, images, **columns):
+        barrier.wait(timeout=wait)  # raises BrokenBarrierError when the others do not come in time
+        return [value] * len(prompts)
+
+    return Reward(name, meet)
+
+
+def test_combine_parallel_runs_the_rewards_at_the_same_time():
+    barrier = threading.Barrier(3)
+    rewards = [_meeting("judge_a", barrier, 1.0), _meeting("judge_b", barrier, 2.0), _meeting("judge_c", barrier, 3.0)]
+    total, per = combine(rewards, [1.0, 1.0, 0.5], ["p"] * 2, ["c"] * 2, [None] * 2, {}, parallel=True)
+    torch.testing.assert_close(per, torch.tensor([[1.0, 2.0, 3.0]] * 2))
+    torch.testing.assert_close(total, torch.tensor([4.5, 4.5]))
+    # One at a time (the default), the first never meets the others: it fails, named, after the barrier's wait.
+    barrier = threading.Barrier(2)
+    with pytest.raises(RewardError, match="reward 'judge_a' raised BrokenBarrierError"):
+        combine([_meeting("judge_a", barrier, 1.0, wait=0.2), _meeting("judge_b", barrier, 2.0, wait=0.2)], None,
+                ["p"], ["c"], [None], {})
+
+
+def test_combine_parallel_reports_errors_in_reward_order_and_times_each_from_the_start():
+    release = threading.Event()
+
+    def stuck(prompts, completions, images, **columns):
+        release.wait(10)
+        return [0.0] * len(prompts)
+
+    def broken(prompts, completions, images, **columns):
+        raise ValueError("judge answered 'maybe'")
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(RewardError, match=r"reward 'stuck' took longer than the timeout of 0.3 s for 3 samples"):
+            _combine_parallel(Reward("stuck", stuck), Reward("broken", broken), timeout=0.3)
+        with pytest.raises(RewardError, match=r"reward 'broken' raised ValueError: judge answered 'maybe'"):
+            _combine_parallel(_fixed("fine", [0.0] * 3), Reward("broken", broken), Reward("stuck", stuck),
+                              timeout=0.3)
+    finally:
+        release.set()
+    assert time.monotonic() - start < 5
+
+    # Each reward's limit counts from the common start, not from when the reward before it finished: "slow"
+    # (2 s) is late for a 1.5 s limit even though it was awaited only after "steady" (1 s) came back.
+    def sleeper(seconds):
+        return lambda prompts, completions, images, **columns: time.sleep(seconds) or [0.0] * len(prompts)
+
+    with pytest.raises(RewardError, match=r"reward 'slow' took longer than the timeout of 1.5 s"):
+        _combine_parallel(Reward("steady", sleeper(1.0)), Reward("slow", sleeper(2.0)), timeout=1.5)
+
+
+def test_trainer_scoring_follows_rewards_parallel():
+    """``rewards.parallel`` reaches the trainer's scoring: two rewards that only finish together, with the columns
+    of each row passed as keywords."""
+    from rgpo.config import RewardsConfig
+    from rgpo.data import PromptRow
+    from rgpo.trainer import score_samples
+
+    barrier = threading.Barrier(2)
+
+    def caption_length(prompts, completions, images, gt_prompt, **columns):
+        barrier.wait(timeout=10)
+        return [float(len(c)) for c in gt_prompt]
+
+    rows = [PromptRow("p0", [], {"gt_prompt": "abc"}, "x.jsonl:1"), PromptRow("p1", [], {"gt_prompt": "a"}, "x.jsonl:2")]
+    per = score_samples([_meeting("judge", barrier, 0.5), Reward("caption_length", caption_length)], rows,
+                        ["c0", "c1"], [None, None], RewardsConfig(timeout_s=20, parallel=True), torch.device("cpu"))
+    torch.testing.assert_close(per, torch.tensor([[0.5, 3.0], [0.5, 1.0]]))
+
+
+def _combine_parallel(*reward_list, timeout=None, n=3):
+    return combine(list(reward_list), None, ["p"] * n, ["c"] * n, [None] * n, {}, timeout=timeout, parallel=True)
+
+
 def test_combine_checks_batch_lengths():
     with pytest.raises(RewardError, match=r"batch has 3 prompts but column 'gt_prompt' has 2"):
         _combine(_fixed("a", [0.0] * 3), gt_prompt=["x", "y"])
