@@ -313,6 +313,22 @@ def test_text_only_under_zero3_in_one_process(tmp_path):
     assert all(math.isfinite(row["loss/total"]) for row in trainer.history)
 
 
+def test_full_fine_tuning_under_zero3_with_the_image_kl(tmp_path):
+    """Full fine-tuning under ZeRO-3, image KL on: the gradient of the image KL reaches the VLM through the model's
+    connect / decode_step engine calls, whose outputs ZeRO-3 must see to keep its backward bookkeeping (it
+    asserted at the first backward while those outputs were plain dataclasses)."""
+    from rgpo.trainer import RGPOTrainer
+
+    trainer = RGPOTrainer(tiny_cfg(tmp_path, "trainable.mode=full", "optim.lr=1e-4", "optim.max_steps=2",
+                                   "checkpoint.every=0", "logging.mode=disabled", "loss.image_kl_coef=0.01",
+                                   f"deepspeed.config={REPO / 'configs' / 'zero3.json'}"))
+    assert trainer.zero3 and trainer.reference is not None
+    trainer.train()
+    first, last = trainer.history
+    assert first["kl/text"] == 0.0 and first["kl/image"] == 0.0  # policy == reference at the start
+    assert last["kl/text"] > 0 and last["kl/image"] != 0.0 and math.isfinite(last["kl/image"])
+
+
 def test_bfloat16_run_keeps_the_vae_float32_and_learns(tmp_path):
     """model.dtype=bfloat16 (the released recipe): DeepSpeed casts every parameter to bf16, the trainer puts the
     VAE's exact float32 weights back, images are drawn, and the bf16 LoRA moves."""

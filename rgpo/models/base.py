@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers.utils import ModelOutput
 
 from rgpo.sde import SDETrajectory
 
@@ -111,8 +112,12 @@ class Completions:
         )
 
 
+# The two outputs of the model's engine calls are ModelOutputs (dict-like dataclasses, as transformers models
+# return) because ZeRO-3 hooks the tensors of a module's output only inside tuples, lists and dicts: a plain
+# dataclass hides them, the engine's backward bookkeeping then sees gradients reach the model's inputs without
+# ever reaching its outputs, and asserts ("active_backward_submodules is empty during backward pass").
 @dataclass
-class ForwardOutput:
+class ForwardOutput(ModelOutput):
     """What one forward over ``prompt + completion`` gives the trainer.
 
     ``logps[i, j]`` is log p(completion_ids[i, j] | everything before it); positions where the completion mask
@@ -156,7 +161,7 @@ class ImageSamplingConfig:
 
 
 @dataclass
-class DecoderOutput:
+class DecoderOutput(ModelOutput):
     """Decoder outputs for given condition, latents and t.
 
     ``features`` stacks every layer's input hidden states at the output-image token positions plus the final
