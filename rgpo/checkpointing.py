@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,30 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
         if match and child.is_dir() and is_complete(child):
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
+
+
+def step_of(path: Path) -> int:
+    match = STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a step-N checkpoint folder")
+    return int(match.group(1))
+
+
+def set_aside_newer(output_dir: str | Path, step: int) -> Path | None:
+    """Move every checkpoint (complete or not) of a step after ``step`` into ``checkpoints/superseded-<time>/``,
+    out of resume's and pruning's sight but kept. Returns that folder, or None when there was nothing to move."""
+    root = checkpoint_root(output_dir)
+    newer = [c for c in root.iterdir() if STEP_DIR.match(c.name) and step_of(c) > step] if root.is_dir() else []
+    if not newer:
+        return None
+    target = root / time.strftime("superseded-%Y%m%d-%H%M%S")
+    while target.exists():
+        target = target.with_name(target.name + "_")
+    target.mkdir()
+    for path in sorted(newer):
+        os.replace(path, target / path.name)
+    _fsync(root, directory=True)
+    return target
 
 
 def newest_complete(output_dir: str | Path) -> Path | None:

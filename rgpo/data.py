@@ -166,7 +166,20 @@ class PromptSampler:
         return [GroupSlot(prompts[i // self.group_size], i // self.group_size, i) for i in range(start, start + per_rank)]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                "num_prompts": self.num_prompts, "prompts_per_step": self.prompts_per_step}
+
+    def check_state(self, state: dict[str, int], where: str) -> None:
+        """Refuse a saved position that belongs to another prompt order: the same (epoch, position) would walk
+        different prompts. Keys a state lacks (older checkpoints) are not checked."""
+        keys = {"num_prompts": "the number of prompts in data.train_file", "seed": "data.seed",
+                "shuffle": "data.shuffle", "prompts_per_step": "rollout.batch_size / rollout.num_generations"}
+        wrong = [f"{meaning}: {state[k]!r} there, {getattr(self, k)!r} now" for k, meaning in keys.items()
+                 if k in state and state[k] != getattr(self, k)]
+        if wrong:
+            raise DataError(f"{where}: its data position belongs to another prompt order ({'; '.join(wrong)}). "
+                            f"Resume with the same data settings, or start a new run (checkpoint.resume=null and a "
+                            f"new logging.output_dir)")
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -84,9 +84,10 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return dict(zip(keys, t.tolist()))
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on at least one (one all-reduce)."""
     if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

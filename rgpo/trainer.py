@@ -16,6 +16,7 @@ in one process. Each step:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import random
@@ -249,7 +250,11 @@ class RGPOTrainer:
         resume_from, resume_state = self._find_resume()
 
         ds_config = build_deepspeed_config(cfg, self.world)
-        self.zero3 = zero_stage(ds_config) == 3
+        self.zero_stage = zero_stage(ds_config)
+        self.zero3 = self.zero_stage == 3
+        if resume_state is not None:
+            self._check_zero_stage(resume_from, resume_state)
+        self._set_aside_other_timelines(int(resume_state["step"]) if resume_state is not None else 0)
         given = model is not None
         model = model if given else self._build_under_zero(cfg, ds_config)
         # Full fine-tuning's frozen copy is of the model being trained: a copy of a given one, else built alike.
@@ -631,7 +636,8 @@ class RGPOTrainer:
                                      "len": f"{metrics['completion/mean_length']:.0f}"})
                 if self._should(cfg.eval.every) and self.eval_rows:
                     self.evaluate()
-                stop = dist_utils.broadcast_object(self._stop_requested)
+                # A signal may reach only some ranks (one node of several): any rank's request stops them all.
+                stop = dist_utils.any_rank(self._stop_requested, self.device)
                 if self._should(cfg.checkpoint.every) or self.step == cfg.optim.max_steps or stop:
                     self.save_checkpoint()
                 if stop:
@@ -691,11 +697,14 @@ class RGPOTrainer:
         self.engine.save_checkpoint(str(tmp), tag="engine", save_latest=False, exclude_frozen_parameters=True)
         torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
         self._save_trainable(tmp)
+        if self.local_rank == 0:  # each node flushes what its ranks wrote before rank 0 publishes the folder
+            ckpt.fsync_tree(tmp)
         dist_utils.barrier()
         final = ckpt.final_dir(self.out, self.step)
         if self.rank == 0:
             state = {"step": self.step, "sampler": self.sampler.state_dict(), "wandb_run_id": self.logger.run_id,
                      "world_size": self.world, "family": self.model.family, "skipped_steps": self.skipped_steps,
+                     "nonfinite_in_a_row": self.nonfinite_in_a_row, "zero_stage": self.zero_stage,
                      "trainable_mode": cfg.trainable.mode, "config": to_dict(cfg)}
             ckpt.write_state(tmp, state)
             ckpt.publish(tmp, self.step, self.out, cfg.checkpoint.keep_last)
@@ -728,19 +737,56 @@ class RGPOTrainer:
         if not any((path / "engine").glob("*model_states.pt")):
             raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed engine state: {path / 'engine'} is missing "
                                     f"or empty")
+        # What DeepSpeed would refuse with a layout error (or load into the wrong parameters), named by key.
+        saved = state.get("config", {}).get("trainable")
+        now = json.loads(json.dumps(to_dict(self.cfg)["trainable"]))
+        if saved is not None:  # the dropout rate changes no parameter: free to change
+            saved, now = ({k: v for k, v in d.items() if k != "lora_dropout"} for d in (saved, now))
+        if saved is not None and saved != now:
+            wrong = [f"trainable.{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
+                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            raise ValueError(f"checkpoint {path} trained other parameters ({'; '.join(wrong)}). Resume with the "
+                             f"same trainable section, or start a new run (checkpoint.resume=null and a new "
+                             f"logging.output_dir)")
+        self.sampler.check_state(state["sampler"], f"checkpoint {path}")
         return path, state
+
+    def _check_zero_stage(self, path: Path, state: dict) -> None:
+        saved = state.get("zero_stage")
+        if saved is not None and saved != self.zero_stage:
+            raise ValueError(f"checkpoint {path} was written under ZeRO stage {saved}, this run uses stage "
+                             f"{self.zero_stage} (deepspeed.config={self.cfg.deepspeed.config}): DeepSpeed cannot "
+                             f"load one stage's optimizer state into another. Resume with the same DeepSpeed config")
+
+    def _set_aside_other_timelines(self, start_step: int) -> None:
+        """Checkpoints newer than where this run starts (a run started over, or resumed from an older checkpoint)
+        belong to another timeline: left in place, they would win the next auto-resume and outlive this run's
+        own checkpoints in pruning. They are moved, whole, into a ``superseded-*`` folder beside them."""
+        if self.rank == 0:
+            moved_to = ckpt.set_aside_newer(self.out, start_step)
+            if moved_to is not None:
+                print(f"[rgpo] this run starts at step {start_step}; the checkpoints after it, from an earlier run, "
+                      f"were moved to {moved_to}", flush=True)
+        dist_utils.barrier()
 
     def _load_resume(self, path: Path, state: dict) -> str | None:
         """Engine (weights, optimizer, scheduler), step, data position and RNG; returns the wandb run id."""
         if state.get("world_size") != self.world:
             print(f"[rgpo] resuming {path} written by {state.get('world_size')} ranks on {self.world}", flush=True)
-        self.engine.load_checkpoint(str(path), tag="engine", load_module_strict=False)
+        loaded, _ = self.engine.load_checkpoint(str(path), tag="engine", load_module_strict=False)
+        if loaded is None:
+            raise FileNotFoundError(f"checkpoint {path}: DeepSpeed found no engine state for rank {self.rank} in "
+                                    f"{path / 'engine'}")
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.sampler.load_state_dict(state["sampler"])
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
+        else:  # e.g. more ranks than wrote the checkpoint: the run goes on, but does not repeat the original
+            print(f"[rgpo] rank {self.rank}: {rng_file} is missing; this rank continues from fresh random state, so "
+                  f"the resumed run will not repeat the interrupted one exactly", flush=True)
         print(f"[rgpo] resumed from {path} at step {self.step}", flush=True)
         return state.get("wandb_run_id")
 

@@ -361,22 +361,60 @@ def test_damaged_checkpoint_names_the_checkpoint(two_checkpoints, tmp_path, dama
         RGPOTrainer(cfg_for(out))
 
 
-@pytest.mark.parametrize("fault", ["incomplete", "family"])
+@pytest.mark.parametrize("fault", ["incomplete", "family", "trainable", "data_order", "zero_stage"])
 def test_bad_checkpoint_is_reported_before_the_model_is_built(two_checkpoints, tmp_path, no_model_build, fault):
+    """Checkpoints this run cannot continue are refused, named, before the model is loaded: incomplete, of another
+    family, of other trainable parameters (DeepSpeed would fail with a layout error), of another prompt order (the
+    saved position would walk other prompts), or of another ZeRO stage."""
+    from rgpo.data import DataError
     from rgpo.trainer import RGPOTrainer
 
     pristine, (_, newer) = two_checkpoints
     out = _copy_run(pristine, tmp_path)
     path = ckpt.final_dir(out, newer)
+    state = json.loads((path / ckpt.STATE_FILE).read_text())
     if fault == "incomplete":
         (path / ckpt.STATE_FILE).unlink()
         expected, fragments = FileNotFoundError, (str(path), ckpt.STATE_FILE)
-    else:
-        state = json.loads((path / ckpt.STATE_FILE).read_text())
+    elif fault == "family":
         (path / ckpt.STATE_FILE).write_text(json.dumps({**state, "family": "bagel"}))
         expected, fragments = ValueError, ("'bagel'", "'mindomni'")
+    elif fault == "trainable":
+        state["config"]["trainable"]["lora_r"] = 32
+        state["config"]["trainable"]["lora_dropout"] = 0.3  # no parameter changes with it: not reported
+        (path / ckpt.STATE_FILE).write_text(json.dumps(state))
+        expected, fragments = ValueError, (str(path), "trainable.lora_r: 32 there, 8 now")
+    elif fault == "data_order":
+        state["sampler"]["seed"] = 99
+        (path / ckpt.STATE_FILE).write_text(json.dumps(state))
+        expected, fragments = DataError, (str(path), "data.seed: 99 there, 0 now")
+    else:
+        (path / ckpt.STATE_FILE).write_text(json.dumps({**state, "zero_stage": 3}))
+        expected, fragments = ValueError, (str(path), "ZeRO stage 3", "uses stage 2", "zero2.json")
     with bad_input(expected, *fragments):
         RGPOTrainer(cfg_for(tmp_path / "other", f"checkpoint.resume={path}"))
+
+
+def test_checkpoints_after_the_start_are_set_aside_not_resumed_or_pruned_first(two_checkpoints, tmp_path):
+    """Resuming from the older of two checkpoints starts another timeline: the newer one is moved, whole, into a
+    superseded-* folder, so the next auto-resume cannot pick it and pruning cannot delete this run's own
+    checkpoints in its favour. The state of the older one comes back whole (the non-finite streak too)."""
+    from rgpo.trainer import RGPOTrainer
+
+    pristine, (older, newer) = two_checkpoints
+    out = _copy_run(pristine, tmp_path)
+    marker = ckpt.final_dir(out, older) / ckpt.STATE_FILE
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "nonfinite_in_a_row": 2}))
+    trainer = RGPOTrainer(cfg_for(out, f"checkpoint.resume={ckpt.final_dir(out, older)}"))
+    assert trainer.step == older and trainer.nonfinite_in_a_row == 2
+    assert ckpt.newest_complete(out) == ckpt.final_dir(out, older)
+    (aside,) = (out / "checkpoints").glob("superseded-*")
+    assert ckpt.read_state(aside / f"step-{newer:07d}")["step"] == newer  # kept whole
+    tmp = ckpt.temporary_dir(out, older + 1)  # this timeline's next checkpoint, published with keep_last=1
+    tmp.mkdir()
+    ckpt.write_state(tmp, {"step": older + 1})
+    published = ckpt.publish(tmp, older + 1, out, keep_last=1)
+    assert ckpt.complete_checkpoints(out) == [published]  # before, the older timeline's newer step won
 
 
 class _RunsShell:

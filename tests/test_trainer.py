@@ -71,6 +71,24 @@ def test_dapo_normalizer_counts_every_ranks_tokens():
     assert dict(out) == {0: 14 / 4, 1: 14 / 4}
 
 
+def _stop_flag_worker(rank, world, port, flags, out):
+    import torch.distributed as dist
+
+    from rgpo.distributed import any_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    out[rank] = [any_rank(flag, torch.device("cpu")) for flag in flags[rank]]
+    dist.destroy_process_group()
+
+
+def test_a_stop_signal_on_any_rank_stops_every_rank():
+    """The stop request (SIGTERM/SIGINT) may reach one node only: rank 1 alone, rank 0 alone, both, neither."""
+    flags = [[False, True, True, False], [True, False, True, False]]
+    out = mp.Manager().dict()
+    mp.spawn(_stop_flag_worker, args=(2, free_port(), flags, out), nprocs=2, join=True)
+    assert dict(out) == {0: [True, True, True, False], 1: [True, True, True, False]}
+
+
 # ------------------------------------------------------------------------------------ single process
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
