@@ -134,7 +134,7 @@ def build_model(cfg: RGPOConfig, device: torch.device | str | None = None) -> Un
 
     dtype = DTYPES[cfg.model.dtype]
     path = cfg.model.path
-    if path in (None, "", "tiny") or str(path).startswith("random:"):
+    if not _is_checkpoint_path(path):
         if cfg.model.family != "mindomni":
             raise ValueError(f"model.path={path!r}: random models exist for family 'mindomni' only, not "
                              f"{cfg.model.family!r}")
@@ -148,6 +148,11 @@ def build_model(cfg: RGPOConfig, device: torch.device | str | None = None) -> Un
             raise ValueError(f"model.path={path!r}: {e}") from None
     cls = get_model_class(cfg.model.family)
     return cls.from_pretrained(cfg.model.path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _is_checkpoint_path(path: str | None) -> bool:
+    """Whether ``model.path`` names a folder to load (not ``tiny`` or ``random:<shape>``, built in memory)."""
+    return path not in (None, "", "tiny") and not str(path).startswith("random:")
 
 
 def _float32_weights(model: UnifiedModel) -> dict[str, torch.Tensor]:
@@ -298,8 +303,13 @@ class RGPOTrainer:
         from transformers.integrations import HfDeepSpeedConfig
 
         self._hf_ds = HfDeepSpeedConfig(ds_config)  # kept alive: transformers checks it while building
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            return build_model(cfg)
+        if not _is_checkpoint_path(cfg.model.path):  # built in memory: every parameter born partitioned
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                return build_model(cfg)
+        # A checkpoint folder: transformers loads the VLM straight into ZeRO-3 shards (it sees HfDeepSpeedConfig);
+        # the connector, decoder and VAE, loaded by rgpo, arrive whole on the host and deepspeed.initialize
+        # partitions them. Inside zero.Init they would be partitioned empty before their weights are read.
+        return build_model(cfg)
 
     def _whole_parameters(self, params: list[torch.nn.Parameter]):
         """A context in which ``params`` hold their full values on every rank (ZeRO-3 gathers them)."""
