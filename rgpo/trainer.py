@@ -662,32 +662,36 @@ class RGPOTrainer:
     # ------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, rows: list[PromptRow] | None = None) -> dict[str, float]:
-        """Mean of each reward over held-out prompts (one chain each), images logged on rank 0."""
+        """Mean of each reward over held-out prompts (one chain each, spread over the ranks), images logged on
+        rank 0."""
         rows = rows or self.eval_rows[: self.cfg.eval.num_prompts]
         mine = rows[self.rank :: self.world]
+        # A rank left without a prompt (fewer prompts than ranks) still runs one, and drops it: every rank must
+        # make the same collective calls (ZeRO-3's gathers, synced generation).
+        work = mine or rows[:1]
         self.set_training(False)
-        results = {}
-        if mine:
-            with self.gathered():
-                prompts = self.model.build_prompts([r.as_model_row() for r in mine]).to(self.device)
-                gen = torch.Generator().manual_seed(_mix(self.cfg.data.seed, 10**6, self.rank))
-                completions = self.model.generate(
-                    prompts, num_generations=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                    temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
-                    top_k=self.cfg.rollout.top_k, generator=gen).to(self.device)
-                images = [None] * len(mine)
-                if self.cfg.rollout.image.enabled:
-                    policy = self.model.forward_text(prompts, completions, with_condition=True)
-                    images = self._draw(policy.condition, policy.condition_mask, list(range(len(mine))),
-                                        list(range(len(mine))))
-            fake = Rollout(mine, prompts, completions, policy.logps if self.cfg.rollout.image.enabled else None,
-                           None, None, None, images, list(range(len(mine))))
-            per_reward = self.score(fake)
-            results = {f"eval/{r.name}": float(torch.nanmean(per_reward[:, j])) for j, r in enumerate(self.rewards)}
-            shown = [(im, f"{row.prompt} | {text}") for row, text, im in zip(mine, completions.texts, images) if im is not None]
-        else:
-            shown = []
-        results = dist_utils.mean_across_ranks(results, self.device)
+        with self.gathered():
+            prompts = self.model.build_prompts([r.as_model_row() for r in work]).to(self.device)
+            gen = torch.Generator().manual_seed(_mix(self.cfg.data.seed, 10**6, self.rank))
+            completions = self.model.generate(
+                prompts, num_generations=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
+                top_k=self.cfg.rollout.top_k, generator=gen).to(self.device)
+            images, logps = [None] * len(work), None
+            if self.cfg.rollout.image.enabled:
+                policy = self.model.forward_text(prompts, completions, with_condition=True)
+                logps = policy.logps
+                images = self._draw(policy.condition, policy.condition_mask, list(range(len(work))),
+                                    list(range(len(work))))
+        fake = Rollout(work, prompts, completions, logps, None, None, None, images, list(range(len(work))))
+        per_reward = self.score(fake)
+        kept = per_reward.tolist() if mine else []
+        shown = [(im, f"{row.prompt} | {text}") for row, text, im in zip(mine, completions.texts, images)
+                 if im is not None]
+        # Every prompt weighs the same, however many each rank held.
+        everything = torch.tensor([r for part in dist_utils.all_gather_objects(kept) for r in part],
+                                  dtype=torch.float32).view(-1, len(self.rewards))
+        results = {f"eval/{r.name}": float(torch.nanmean(everything[:, j])) for j, r in enumerate(self.rewards)}
         self.logger.log(results, step=self.step)
         gathered = [x for part in dist_utils.all_gather_objects(shown) for x in part]
         if gathered:

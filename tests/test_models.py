@@ -248,6 +248,26 @@ def test_forward_text_logps_equal_plain_log_softmax(model, with_images):
     assert bool((ours.entropy[mask] > 0).all()) and bool((ours.entropy[mask] <= math.log(vocab)).all())
 
 
+@pytest.mark.parametrize(("with_images", "other_rank_has_images"), [(True, True), (False, True), (False, False)])
+def test_zero3_step_forward_equals_the_plain_one(model, monkeypatch, with_images, other_rank_has_images):
+    """Under ZeRO-3 on several ranks the VLM runs module by module, the same on every rank (a rank without input
+    images runs the vision tower on a blank image when another rank has some): the log-probs and condition are
+    those of the plain forward."""
+    batch = model.build_prompts(image_rows() if with_images else TEXT_ROWS)
+    comp = model.generate(batch, num_generations=2, max_new_tokens=10, generator=torch.Generator().manual_seed(5))
+    prompts = batch.repeat_interleave(2)
+    plain = model.forward_text(prompts, comp)
+    blank_runs = []
+    blank = model._blank_image
+    monkeypatch.setattr(model, "_synced", lambda: True)
+    monkeypatch.setattr(model, "_any_rank_has_images", lambda mine: mine or other_rank_has_images)
+    monkeypatch.setattr(model, "_blank_image", lambda: blank_runs.append(1) or blank())
+    stepped = model.forward_text(prompts, comp)
+    torch.testing.assert_close(stepped.logps, plain.logps, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stepped.condition, plain.condition, atol=1e-6, rtol=1e-6)
+    assert len(blank_runs) == (1 if other_rank_has_images and not with_images else 0)
+
+
 @pytest.mark.parametrize("with_images", [False, True])
 def test_condition_is_prenorm_prompt_plus_answer_prefix(model, with_images):
     batch = model.build_prompts(image_rows() if with_images else TEXT_ROWS)

@@ -207,6 +207,27 @@ def test_two_ranks_deepspeed_zero(tmp_path, stage):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_two_ranks_zero3_mixed_image_and_text_prompts_and_a_one_prompt_eval(tmp_path):
+    """ZeRO-3 on 2 ranks where rank 0's prompt has an input image and rank 1's has none: both must make the same
+    collective gathers (rank 1 runs the vision tower on a blank image), or the step fails / hangs. Evaluation with
+    fewer prompts than ranks: the rank without a prompt still takes part (it hung before)."""
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(tmp_path / "red.png")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "Draw this object again, but blue", "images": ["red.png"]}) + "\n"
+                     + json.dumps({"prompt": "A cat sitting calmly"}) + "\n")
+    res = _launch(tmp_path, f"deepspeed.config={REPO / 'configs' / 'zero3.json'}", f"data.train_file={mixed}",
+                  "data.shuffle=false", "rollout.batch_size=8", "optim.max_steps=2", "checkpoint.every=0",
+                  f"data.eval_file={REPO / 'configs' / 'prompts' / 'sample.jsonl'}", "eval.every=1",
+                  "eval.num_prompts=1", launcher="torchrun")
+    assert res["world"] == 2 and res["zero3"] and len(res["history"]) == 2
+    assert all(math.isfinite(row["loss/total"]) for row in res["history"])
+    assert set(res["trainable"]) <= set(res["changed"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_ranks_torchrun_group_spans_ranks(tmp_path):
     # batch 4 with G=4 on 2 ranks: the one group is split across the ranks.
     res = _launch(tmp_path, "rollout.batch_size=4", "optim.micro_batch_size=2", "optim.max_steps=2",

@@ -222,18 +222,55 @@ class MindOmni(UnifiedModel):
             lambda m, args, out: captured.append(args[0])
         )
         vision = {k: v for k, v in vision.items() if k in VISION_KEYS}
+        mask_arg = attention if attention is not None else mask
+        position_ids = positions if positions is not None else self._position_ids(ids, mask, vision)
         try:
-            # Text only: the text model directly (the VLM wrapper would only embed the ids and call it).
-            (hf.model if vision else hf.model.language_model)(
-                input_ids=ids,
-                attention_mask=attention if attention is not None else mask,
-                position_ids=positions if positions is not None else self._position_ids(ids, mask, vision),
-                use_cache=False,
-                **vision,
-            )
+            if self._synced():
+                self._backbone_in_step(hf, ids, vision, mask_arg, position_ids)
+            elif vision:
+                hf.model(input_ids=ids, attention_mask=mask_arg, position_ids=position_ids, use_cache=False, **vision)
+            else:  # text only: the text model directly (the VLM wrapper would only embed the ids and call it)
+                hf.model.language_model(input_ids=ids, attention_mask=mask_arg, position_ids=position_ids,
+                                        use_cache=False)
         finally:
             hook.remove()
         return captured[-1]
+
+    def _backbone_in_step(self, hf: nn.Module, ids, vision: dict, mask, position_ids) -> None:
+        """The VLM's forward as its wrapper does it (embeddings, vision tower, text model), module by module and
+        the same on every rank: ZeRO-3 gathers each module's weights collectively as it is called and prefetches
+        by the order it traced, so a rank whose batch has no input image, while another's has, runs the vision
+        tower on a blank image (features dropped), and no rank calls the wrapper module itself."""
+        if any(k.endswith("videos") or k == "video_grid_thw" for k in vision):
+            raise ValueError("video inputs are not supported under ZeRO-3 on several ranks")
+        embeds = hf.model.get_input_embeddings()(ids)
+        if self._any_rank_has_images(bool(vision)):
+            pixels, grid = (vision["pixel_values"], vision["image_grid_thw"]) if vision else self._blank_image()
+            features = hf.model.get_image_features(pixels, grid, return_dict=True).pooler_output
+            if vision:
+                image_embeds = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+                image_mask, _ = hf.model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image_embeds)
+                embeds = embeds.masked_scatter(image_mask, image_embeds)
+        hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                use_cache=False)
+
+    def _any_rank_has_images(self, mine: bool) -> bool:
+        """Whether this rank's batch (``mine``), or under synced ZeRO-3 (:meth:`_synced`) any rank's, holds input
+        images: one all-reduce per forward there, which every rank makes."""
+        if not self._synced():
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _blank_image(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest input the vision tower takes: one merge group of patches (pixel_values, image_grid_thw)."""
+        vc = self.hf_vlm().config.vision_config
+        merge = vc.spatial_merge_size
+        grid = torch.tensor([[1, merge, merge]], device=self.device)
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        visual_dtype = next(self.hf_vlm().model.visual.parameters()).dtype
+        return torch.zeros(merge * merge, width, dtype=visual_dtype, device=self.device), grid
 
     def _completion_logps(self, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm states (N, T, H) predicting ``targets`` (N, T) -> log-probs (N, T) float32 and the policy's
