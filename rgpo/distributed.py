@@ -15,6 +15,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     import deepspeed
 
     if not dist.is_initialized():
+        _ranks_from_mpi()
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -32,6 +33,31 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+# (rank, world size, local rank) as MPI launchers name them: Open MPI, then MPICH / Intel MPI (Hydra).
+MPI_VARIABLES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+)
+
+
+def _ranks_from_mpi() -> None:
+    """An MPI launch (``mpirun``, ``deepspeed --launcher openmpi|mpich|impi``) names the ranks in its own
+    variables; without ``RANK`` / ``WORLD_SIZE`` every process would start alone as rank 0 of 1. Copy them over,
+    and require the rendezvous address, which MPI does not give."""
+    if "RANK" in os.environ:
+        return
+    for rank, size, local in MPI_VARIABLES:
+        if rank in os.environ and size in os.environ:
+            if int(os.environ[size]) > 1 and "MASTER_ADDR" not in os.environ:
+                raise RuntimeError(f"launched by MPI as rank {os.environ[rank]} of {os.environ[size]} ({rank}), but "
+                                   f"MASTER_ADDR is not set: export MASTER_ADDR (the first node's address) and "
+                                   f"MASTER_PORT to every rank, e.g. mpirun -x MASTER_ADDR -x MASTER_PORT")
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ[rank], os.environ[size]
+            os.environ.setdefault("LOCAL_RANK", os.environ.get(local, "0"))
+            os.environ.setdefault("MASTER_PORT", "29500")  # the same on every rank (torch's default)
+            return
 
 
 def free_port() -> int:

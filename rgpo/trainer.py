@@ -258,7 +258,7 @@ class RGPOTrainer:
         self.zero_stage = zero_stage(ds_config)
         self.zero3 = self.zero_stage == 3
         if resume_state is not None:
-            self._check_zero_stage(resume_from, resume_state)
+            self._check_zero_layout(resume_from, resume_state)
         self._set_aside_other_timelines(int(resume_state["step"]) if resume_state is not None else 0)
         given = model is not None
         model = model if given else self._build_under_zero(cfg, ds_config)
@@ -765,12 +765,21 @@ class RGPOTrainer:
         self.sampler.check_state(state["sampler"], f"checkpoint {path}")
         return path, state
 
-    def _check_zero_stage(self, path: Path, state: dict) -> None:
+    def _check_zero_layout(self, path: Path, state: dict) -> None:
+        """DeepSpeed loads a ZeRO optimizer state only into the stage and number of ranks that wrote it: refuse
+        any other before minutes of model loading, naming both."""
         saved = state.get("zero_stage")
-        if saved is not None and saved != self.zero_stage:
+        if saved is None:  # written before checkpoints recorded it
+            return
+        if saved != self.zero_stage:
             raise ValueError(f"checkpoint {path} was written under ZeRO stage {saved}, this run uses stage "
                              f"{self.zero_stage} (deepspeed.config={self.cfg.deepspeed.config}): DeepSpeed cannot "
                              f"load one stage's optimizer state into another. Resume with the same DeepSpeed config")
+        if saved > 0 and state.get("world_size") != self.world:
+            raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks under ZeRO stage "
+                             f"{saved}, and this run has {self.world}: DeepSpeed loads ZeRO optimizer shards only "
+                             f"into as many ranks as wrote them. Resume on {state.get('world_size')} ranks, or start "
+                             f"a new run from its trainable.safetensors")
 
     def _set_aside_other_timelines(self, start_step: int) -> None:
         """Checkpoints newer than where this run starts (a run started over, or resumed from an older checkpoint)
@@ -785,7 +794,7 @@ class RGPOTrainer:
 
     def _load_resume(self, path: Path, state: dict) -> str | None:
         """Engine (weights, optimizer, scheduler), step, data position and RNG; returns the wandb run id."""
-        if state.get("world_size") != self.world:
+        if state.get("world_size") != self.world:  # allowed without ZeRO (see _check_zero_layout)
             print(f"[rgpo] resuming {path} written by {state.get('world_size')} ranks on {self.world}", flush=True)
         loaded, _ = self.engine.load_checkpoint(str(path), tag="engine", load_module_strict=False)
         if loaded is None:

@@ -361,11 +361,11 @@ def test_damaged_checkpoint_names_the_checkpoint(two_checkpoints, tmp_path, dama
         RGPOTrainer(cfg_for(out))
 
 
-@pytest.mark.parametrize("fault", ["incomplete", "family", "trainable", "data_order", "zero_stage"])
+@pytest.mark.parametrize("fault", ["incomplete", "family", "trainable", "data_order", "zero_stage", "world_size"])
 def test_bad_checkpoint_is_reported_before_the_model_is_built(two_checkpoints, tmp_path, no_model_build, fault):
     """Checkpoints this run cannot continue are refused, named, before the model is loaded: incomplete, of another
     family, of other trainable parameters (DeepSpeed would fail with a layout error), of another prompt order (the
-    saved position would walk other prompts), or of another ZeRO stage."""
+    saved position would walk other prompts), of another ZeRO stage or, under ZeRO, another number of ranks."""
     from rgpo.data import DataError
     from rgpo.trainer import RGPOTrainer
 
@@ -388,9 +388,12 @@ def test_bad_checkpoint_is_reported_before_the_model_is_built(two_checkpoints, t
         state["sampler"]["seed"] = 99
         (path / ckpt.STATE_FILE).write_text(json.dumps(state))
         expected, fragments = DataError, (str(path), "data.seed: 99 there, 0 now")
-    else:
+    elif fault == "zero_stage":
         (path / ckpt.STATE_FILE).write_text(json.dumps({**state, "zero_stage": 3}))
         expected, fragments = ValueError, (str(path), "ZeRO stage 3", "uses stage 2", "zero2.json")
+    else:
+        (path / ckpt.STATE_FILE).write_text(json.dumps({**state, "world_size": 8}))
+        expected, fragments = ValueError, (str(path), "written by 8 ranks", "this run has 1", "Resume on 8 ranks")
     with bad_input(expected, *fragments):
         RGPOTrainer(cfg_for(tmp_path / "other", f"checkpoint.resume={path}"))
 

@@ -4,6 +4,7 @@ ZeRO-2 and ZeRO-3."""
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,24 @@ def test_dapo_normalizer_counts_every_ranks_tokens():
     out = mp.Manager().dict()
     mp.spawn(_dapo_worker, args=(2, free_port(), masks, out), nprocs=2, join=True)
     assert dict(out) == {0: 14 / 4, 1: 14 / 4}
+
+
+def test_mpi_launch_variables_become_torch_ranks(monkeypatch):
+    """mpirun names ranks in its own variables: they become RANK / WORLD_SIZE / LOCAL_RANK (each process used to
+    start alone as rank 0 of 1); without MASTER_ADDR the error says what to export."""
+    from rgpo.distributed import _ranks_from_mpi
+
+    env = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    monkeypatch.setattr(os, "environ", env)  # a private environment: nothing leaks into later tests
+    with pytest.raises(RuntimeError, match=r"rank 5 of 16 \(OMPI_COMM_WORLD_RANK\).*MASTER_ADDR is not set"):
+        _ranks_from_mpi()
+    assert "RANK" not in env
+    env["MASTER_ADDR"] = "node-0"
+    _ranks_from_mpi()
+    assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")] == ["5", "16", "1", "29500"]
+    env["RANK"] = "3"  # a torch launcher's own variables win
+    _ranks_from_mpi()
+    assert os.environ["RANK"] == "3"
 
 
 def _stop_flag_worker(rank, world, port, flags, out):
