@@ -240,6 +240,10 @@ class DeepSpeedConfig:
     """Override of the JSON's ZeRO stage (0-3)."""
     backend: str | None = None
     """torch.distributed backend; None: nccl on CUDA, gloo on CPU."""
+    zero3_gather_for_rollout: bool = True
+    """ZeRO-3: gather the whole model on every GPU once for the rollout (fast generation, as TRL's
+    ``ds3_gather_for_generation``; the full weights must fit beside the KV cache). false: keep them partitioned
+    and let ZeRO-3 fetch each layer as it runs, for models that do not fit on one GPU (slower)."""
 
 
 @dataclass

@@ -364,8 +364,8 @@ class RGPOTrainer:
         """ZeRO-3: gather the full parameters once for a whole rollout phase (not per token / per step), and
         take ZeRO-3's per-module fetch/release hooks off the model meanwhile (as TRL does for generation): with
         every parameter present they only cost time, at every module call of every decoding step."""
-        if not self.zero3:
-            yield
+        if not self.zero3 or not self.cfg.deepspeed.zero3_gather_for_rollout:
+            yield  # partitioned: ZeRO-3's hooks fetch each module's weights as it runs
             return
         import deepspeed
 
@@ -729,11 +729,13 @@ class RGPOTrainer:
         """The trained weights alone as safetensors (for ``rgpo sample`` / ``rgpo export`` without DeepSpeed)."""
         from safetensors.torch import save_file
 
-        named = trainable_parameters(self.model)
-        with self._whole_parameters(list(named.values())):
-            if self.rank == 0:
-                save_file({n: p.detach().to("cpu").contiguous().clone() for n, p in named.items()},
-                          str(path / "trainable.safetensors"))
+        weights = {}
+        for name, param in trainable_parameters(self.model).items():
+            with self._whole_parameters([param]):  # ZeRO-3: one weight whole at a time (full fine-tuning: 7 B)
+                if self.rank == 0:
+                    weights[name] = param.detach().to("cpu").contiguous().clone()
+        if self.rank == 0:
+            save_file(weights, str(path / "trainable.safetensors"))
 
     def _find_resume(self) -> tuple[Path | None, dict | None]:
         """The checkpoint to resume from and its state, checked without the model: complete, readable, and of

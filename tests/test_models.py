@@ -251,8 +251,8 @@ def test_forward_text_logps_equal_plain_log_softmax(model, with_images):
 @pytest.mark.parametrize(("with_images", "other_rank_has_images"), [(True, True), (False, True), (False, False)])
 def test_zero3_step_forward_equals_the_plain_one(model, monkeypatch, with_images, other_rank_has_images):
     """Under ZeRO-3 on several ranks the VLM runs module by module, the same on every rank (a rank without input
-    images runs the vision tower on a blank image when another rank has some): the log-probs and condition are
-    those of the plain forward."""
+    images runs the vision tower on a blank image when another rank has some): the log-probs, the condition and
+    the sampled chains are those of the plain path."""
     batch = model.build_prompts(image_rows() if with_images else TEXT_ROWS)
     comp = model.generate(batch, num_generations=2, max_new_tokens=10, generator=torch.Generator().manual_seed(5))
     prompts = batch.repeat_interleave(2)
@@ -266,6 +266,11 @@ def test_zero3_step_forward_equals_the_plain_one(model, monkeypatch, with_images
     torch.testing.assert_close(stepped.logps, plain.logps, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(stepped.condition, plain.condition, atol=1e-6, rtol=1e-6)
     assert len(blank_runs) == (1 if other_rank_has_images and not with_images else 0)
+    # generation's prefill takes the same path: the same chains from the same seed
+    monkeypatch.setattr(model, "_all_done", lambda done, synced=None: bool(done.all()))
+    again = model.generate(batch, num_generations=2, max_new_tokens=10, generator=torch.Generator().manual_seed(5))
+    assert again.texts == comp.texts and torch.equal(again.completion_ids, comp.completion_ids)
+    assert len(blank_runs) == (2 if other_rank_has_images and not with_images else 0)
 
 
 @pytest.mark.parametrize("with_images", [False, True])

@@ -226,10 +226,13 @@ def test_two_ranks_deepspeed_zero(tmp_path, stage):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_ranks_zero3_mixed_image_and_text_prompts_and_a_one_prompt_eval(tmp_path):
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered-rollout", "partitioned-rollout"])
+def test_two_ranks_zero3_mixed_image_and_text_prompts_and_a_one_prompt_eval(tmp_path, gather):
     """ZeRO-3 on 2 ranks where rank 0's prompt has an input image and rank 1's has none: both must make the same
-    collective gathers (rank 1 runs the vision tower on a blank image), or the step fails / hangs. Evaluation with
-    fewer prompts than ranks: the rank without a prompt still takes part (it hung before)."""
+    collective gathers (rank 1 runs the vision tower on a blank image), or the step fails / hangs; with the rollout
+    on gathered weights, and on partitioned ones (deepspeed.zero3_gather_for_rollout=false: every generation step
+    fetches layers collectively). Evaluation with fewer prompts than ranks: the rank without a prompt still takes
+    part (it hung before)."""
     from PIL import Image
 
     Image.new("RGB", (56, 56), (200, 30, 30)).save(tmp_path / "red.png")
@@ -239,7 +242,8 @@ def test_two_ranks_zero3_mixed_image_and_text_prompts_and_a_one_prompt_eval(tmp_
     res = _launch(tmp_path, f"deepspeed.config={REPO / 'configs' / 'zero3.json'}", f"data.train_file={mixed}",
                   "data.shuffle=false", "rollout.batch_size=8", "optim.max_steps=2", "checkpoint.every=0",
                   f"data.eval_file={REPO / 'configs' / 'prompts' / 'sample.jsonl'}", "eval.every=1",
-                  "eval.num_prompts=1", launcher="torchrun")
+                  "eval.num_prompts=1", f"deepspeed.zero3_gather_for_rollout={str(gather).lower()}",
+                  launcher="torchrun")
     assert res["world"] == 2 and res["zero3"] and len(res["history"]) == 2
     assert all(math.isfinite(row["loss/total"]) for row in res["history"])
     assert set(res["trainable"]) <= set(res["changed"])

@@ -236,7 +236,7 @@ class MindOmni(UnifiedModel):
             hook.remove()
         return captured[-1]
 
-    def _backbone_in_step(self, hf: nn.Module, ids, vision: dict, mask, position_ids) -> None:
+    def _backbone_in_step(self, hf: nn.Module, ids, vision: dict, mask, position_ids, use_cache: bool = False):
         """The VLM's forward as its wrapper does it (embeddings, vision tower, text model), module by module and
         the same on every rank: ZeRO-3 gathers each module's weights collectively as it is called and prefetches
         by the order it traced, so a rank whose batch has no input image, while another's has, runs the vision
@@ -251,8 +251,8 @@ class MindOmni(UnifiedModel):
                 image_embeds = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
                 image_mask, _ = hf.model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image_embeds)
                 embeds = embeds.masked_scatter(image_mask, image_embeds)
-        hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                use_cache=False)
+        return hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                       use_cache=use_cache)
 
     def _any_rank_has_images(self, mine: bool) -> bool:
         """Whether this rank's batch (``mine``), or under synced ZeRO-3 (:meth:`_synced`) any rank's, holds input
@@ -347,17 +347,24 @@ class MindOmni(UnifiedModel):
         try:
             with torch.inference_mode(fast):
                 positions = self._position_ids(prompts.input_ids, prompts.attention_mask, prompts.vision)
-                out = hf(
-                    input_ids=prompts.input_ids,
-                    attention_mask=prompts.attention_mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **prompts.vision,
-                )
+                if synced:  # module by module, the same on every rank (see _backbone_in_step)
+                    vision = {k: v for k, v in prompts.vision.items() if k in VISION_KEYS}
+                    out = self._backbone_in_step(hf, prompts.input_ids, vision, prompts.attention_mask, positions,
+                                                 use_cache=True)
+                    last_logits = hf.lm_head(out.last_hidden_state[:, -1])
+                else:
+                    out = hf(
+                        input_ids=prompts.input_ids,
+                        attention_mask=prompts.attention_mask,
+                        position_ids=positions,
+                        use_cache=True,
+                        logits_to_keep=1,
+                        **prompts.vision,
+                    )
+                    last_logits = out.logits[:, -1]
                 cache = out.past_key_values
                 cache.batch_repeat_interleave(num_generations)
-                logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
+                logits = last_logits.float().repeat_interleave(num_generations, 0)
                 next_pos = positions.amax(dim=(0, 2)).repeat_interleave(num_generations) + 1  # (rows,)
                 mask = prompts.attention_mask.repeat_interleave(num_generations, 0)
                 done = torch.zeros(rows, dtype=torch.bool, device=device)
