@@ -24,6 +24,31 @@ def _fill(node: Any, values: dict[str, Any], path: str = "") -> Any:
     return node
 
 
+# JSON keys whose value rgpo's own config decides (the key that sets it): an explicit JSON value must agree, or the
+# run would use a value that its saved config.yaml and wandb do not show.
+RUN_CONFIG_KEYS = {
+    "train_micro_batch_size_per_gpu": "optim.micro_batch_size",
+    "gradient_accumulation_steps": "rollout.batch_size / (ranks x optim.micro_batch_size)",
+    "gradient_clipping": "optim.max_grad_norm",
+    "bf16.enabled": "model.dtype",
+    "fp16.enabled": "model.dtype",
+    "optimizer.params.lr": "optim.lr",
+    "optimizer.params.betas": "optim.adam_betas",
+    "optimizer.params.eps": "optim.adam_eps",
+    "optimizer.params.weight_decay": "optim.weight_decay",
+}
+
+
+def _check_explicit_values(raw: dict[str, Any], values: dict[str, Any], path: Path) -> None:
+    for key, source in RUN_CONFIG_KEYS.items():
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part, "auto") if isinstance(node, dict) else "auto"
+        if node != "auto" and node != values[key]:
+            raise ConfigError(f"deepspeed.config={str(path)!r}: {key} is {node!r} but the run config gives "
+                              f"{values[key]!r} ({source}); set it to \"auto\" or make the two agree")
+
+
 def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed dict for ``cfg``: batch sizes, precision, optimizer and ZeRO settings filled in.
 
@@ -37,7 +62,7 @@ def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: i
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed.config={str(path)!r}: not valid JSON: {e}") from e
     per_rank = cfg.rollout.batch_size // world_size
-    hidden = zero_hidden_size or 1024
+    hidden = zero_hidden_size or 1024  # buckets of hidden^2 elements (12.8 M at a 7B's 3584), as transformers
     values = {
         "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
         "gradient_accumulation_steps": per_rank // cfg.optim.micro_batch_size,
@@ -61,6 +86,7 @@ def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: i
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
     }
+    _check_explicit_values(raw, values, path)
     ds = _fill(raw, values)
     if cfg.deepspeed.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage

@@ -155,6 +155,21 @@ def _is_checkpoint_path(path: str | None) -> bool:
     return path not in (None, "", "tiny") and not str(path).startswith("random:")
 
 
+def vlm_hidden_size(path: str | None) -> int | None:
+    """The VLM's hidden size, read without loading the model (it sizes ZeRO's communication buckets, as
+    transformers' DeepSpeed integration does); None when the folder does not say."""
+    if not _is_checkpoint_path(path):
+        from rgpo.models.tiny import RANDOM_SHAPES
+
+        shape = "tiny" if path in (None, "", "tiny") else str(path).split(":", 1)[1]
+        return RANDOM_SHAPES.get(shape, {}).get("vlm_hidden")
+    config_file = Path(path) / "mllm" / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
+
+
 def _float32_weights(model: UnifiedModel) -> dict[str, torch.Tensor]:
     """CPU copies of the frozen float32 weights of ``model.float32_modules()`` (by full parameter name)."""
     keep = {}
@@ -254,7 +269,7 @@ class RGPOTrainer:
         # An unusable checkpoint is reported now, before minutes of model loading.
         resume_from, resume_state = self._find_resume()
 
-        ds_config = build_deepspeed_config(cfg, self.world)
+        ds_config = build_deepspeed_config(cfg, self.world, zero_hidden_size=vlm_hidden_size(cfg.model.path))
         self.zero_stage = zero_stage(ds_config)
         self.zero3 = self.zero_stage == 3
         if resume_state is not None:

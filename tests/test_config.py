@@ -130,6 +130,37 @@ def test_deepspeed_auto_values_come_from_the_run_config(name):
     assert zero_stage(ds) == (2 if name == "zero2.json" else 3)
 
 
+def test_zero_buckets_are_sized_from_the_vlm_without_loading_it(tmp_path):
+    """ZeRO-3's 'auto' bucket sizes follow the VLM's hidden size (12.8 M elements at MindOmni-7B's 3584, not the
+    1024^2 fallback), read from the checkpoint folder's config or the random preset."""
+    from rgpo.deepspeed_config import build_deepspeed_config
+    from rgpo.trainer import vlm_hidden_size
+
+    assert vlm_hidden_size("random:mindomni-7b") == 3584
+    assert vlm_hidden_size(str(REPO / "rgpo" / "assets" / "toyworld" / "model")) == 96
+    assert vlm_hidden_size(str(tmp_path)) is None  # a folder that does not say: the fallback
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed.config={REPO / 'configs' / 'zero3.json'}"])
+    zero = build_deepspeed_config(cfg, 1, zero_hidden_size=vlm_hidden_size("random:mindomni-7b"))["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 3584**2 and zero["stage3_param_persistence_threshold"] == 35840
+
+
+def test_explicit_deepspeed_value_must_agree_with_the_run_config(tmp_path):
+    """A JSON value rgpo's config also sets (clipping, learning rate, precision...) must agree with it: otherwise
+    the run would silently use a value its saved config and wandb do not show."""
+    from rgpo.deepspeed_config import build_deepspeed_config
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["optim.max_grad_norm=1.0", "optim.lr=3e-4"])
+    agreeing = write(tmp_path, json.dumps({"gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {
+        "lr": 3e-4}}, "zero_optimization": {"stage": 2}}), "agree.json")
+    cfg.deepspeed.config = str(agreeing)
+    assert build_deepspeed_config(cfg, 1)["gradient_clipping"] == 1.0
+    clashing = write(tmp_path, json.dumps({"gradient_clipping": 2.0, "zero_optimization": {"stage": 2}}), "clash.json")
+    cfg.deepspeed.config = str(clashing)
+    with pytest.raises(ConfigError, match=r"clash.json.*gradient_clipping is 2.0 but the run config gives 1.0 "
+                                          r"\(optim.max_grad_norm\)"):
+        build_deepspeed_config(cfg, 1)
+
+
 def test_deepspeed_unknown_auto_key_is_named(tmp_path):
     from rgpo.deepspeed_config import build_deepspeed_config
 
