@@ -46,38 +46,31 @@ def is_complete(path: Path) -> bool:
     return (path / STATE_FILE).is_file()
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def _step_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step-N`` entry of the checkpoint folder, complete or not, as (N, path), oldest first."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and child.is_dir() and is_complete(child):
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+    return sorted((int(match.group(1)), child) for child in root.iterdir() if (match := STEP_DIR.match(child.name)))
 
 
-def step_of(path: Path) -> int:
-    match = STEP_DIR.match(path.name)
-    if match is None:
-        raise ValueError(f"{path} is not a step-N checkpoint folder")
-    return int(match.group(1))
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return [path for _, path in _step_folders(output_dir) if path.is_dir() and is_complete(path)]
 
 
 def set_aside_newer(output_dir: str | Path, step: int) -> Path | None:
     """Move every checkpoint (complete or not) of a step after ``step`` into ``checkpoints/superseded-<time>/``,
     out of resume's and pruning's sight but kept. Returns that folder, or None when there was nothing to move."""
     root = checkpoint_root(output_dir)
-    newer = [c for c in root.iterdir() if STEP_DIR.match(c.name) and step_of(c) > step] if root.is_dir() else []
+    newer = [path for n, path in _step_folders(output_dir) if n > step]
     if not newer:
         return None
     target = root / time.strftime("superseded-%Y%m%d-%H%M%S")
     while target.exists():
         target = target.with_name(target.name + "_")
     target.mkdir()
-    for path in sorted(newer):
+    for path in newer:
         os.replace(path, target / path.name)
     _fsync(root, directory=True)
     return target

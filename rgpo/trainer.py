@@ -769,13 +769,12 @@ class RGPOTrainer:
             raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed engine state: {path / 'engine'} is missing "
                                     f"or empty")
         # What DeepSpeed would refuse with a layout error (or load into the wrong parameters), named by key.
-        saved = state.get("config", {}).get("trainable")
+        saved = state.get("config", {}).get("trainable", {})
         now = json.loads(json.dumps(to_dict(self.cfg)["trainable"]))
-        if saved is not None:  # the dropout rate changes no parameter: free to change
-            saved, now = ({k: v for k, v in d.items() if k != "lora_dropout"} for d in (saved, now))
-        if saved is not None and saved != now:
-            wrong = [f"trainable.{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
-                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        # the dropout rate changes no parameter: free to change
+        wrong = [f"trainable.{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
+                 for k in sorted(set(saved) | set(now)) if k != "lora_dropout" and saved.get(k) != now.get(k)]
+        if saved and wrong:
             raise ValueError(f"checkpoint {path} trained other parameters ({'; '.join(wrong)}). Resume with the "
                              f"same trainable section, or start a new run (checkpoint.resume=null and a new "
                              f"logging.output_dir)")

@@ -24,6 +24,7 @@ from rgpo.models import (
     get_model_class,
     load_model,
 )
+from rgpo.models import mindomni as mindomni_module
 from rgpo.models import omnigen as og
 from rgpo.models.mindomni import ANSWER_CLOSE, _sample, answer_condition_length, euler_grid, pack_left
 from rgpo.models.tiny import build_tiny_mindomni, write_tiny_checkpoint
@@ -260,7 +261,7 @@ def test_zero3_step_forward_equals_the_plain_one(model, monkeypatch, with_images
     blank_runs = []
     blank = model._blank_image
     monkeypatch.setattr(model, "_synced", lambda: True)
-    monkeypatch.setattr(model, "_any_rank_has_images", lambda mine: mine or other_rank_has_images)
+    monkeypatch.setattr(mindomni_module, "any_rank", lambda mine, device: mine or other_rank_has_images)
     monkeypatch.setattr(model, "_blank_image", lambda: blank_runs.append(1) or blank())
     stepped = model.forward_text(prompts, comp)
     torch.testing.assert_close(stepped.logps, plain.logps, atol=1e-6, rtol=1e-6)

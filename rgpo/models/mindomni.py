@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rgpo.distributed import any_rank
 from rgpo.sde import SDETrajectory, random_window_start, sample_flow, stochastic_steps
 
 from .base import Completions, DecoderOutput, ForwardOutput, ImageSamplingConfig, PromptBatch, UnifiedModel
@@ -244,7 +245,7 @@ class MindOmni(UnifiedModel):
         if any(k.endswith("videos") or k == "video_grid_thw" for k in vision):
             raise ValueError("video inputs are not supported under ZeRO-3 on several ranks")
         embeds = hf.model.get_input_embeddings()(ids)
-        if self._any_rank_has_images(bool(vision)):
+        if any_rank(bool(vision), self.device):  # one all-reduce per forward, which every rank makes
             pixels, grid = (vision["pixel_values"], vision["image_grid_thw"]) if vision else self._blank_image()
             features = hf.model.get_image_features(pixels, grid, return_dict=True).pooler_output
             if vision:
@@ -253,15 +254,6 @@ class MindOmni(UnifiedModel):
                 embeds = embeds.masked_scatter(image_mask, image_embeds)
         return hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                        use_cache=use_cache)
-
-    def _any_rank_has_images(self, mine: bool) -> bool:
-        """Whether this rank's batch (``mine``), or under synced ZeRO-3 (:meth:`_synced`) any rank's, holds input
-        images: one all-reduce per forward there, which every rank makes."""
-        if not self._synced():
-            return mine
-        flag = torch.tensor([1.0 if mine else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
 
     def _blank_image(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The smallest input the vision tower takes: one merge group of patches (pixel_values, image_grid_thw)."""
