@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .format import extract_answer
+from .contract import chain_images
+from .format import completion_text, extract_answer
 from .registry import register_reward
 
 if TYPE_CHECKING:  # open_clip is imported lazily: importing `rewards` should not cost a second
@@ -149,7 +150,8 @@ def _resolve_device(device: str | torch.device | None) -> str:
 # ------------------------------------------------------------------------------------------------ the reward
 @register_reward("clip_consistency")
 class ClipConsistencyReward:
-    """Cosine similarity between each generated image and its text under CLIP, clamped below at ``clamp_min``.
+    """Cosine similarity between each generated image and its text under CLIP, clamped below at ``clamp_min``;
+    a chain that drew several images gets the mean over them.
 
     Args:
         model_name: open_clip architecture; MindOmni uses ``"ViT-L-14-336"``.
@@ -168,8 +170,10 @@ class ClipConsistencyReward:
         quick_gelu: build the model with QuickGELU (OpenAI's CLIP weights need it). None: True when every
             released weight of ``model_name`` uses it, as for ViT-L-14-336 (see :func:`default_quick_gelu`).
 
-    The model is loaded once per (model_name, pretrained, device) and shared by all instances. A sample whose
-    image is None, or whose text column value is None, gets None (the reward does not apply to it).
+    Called with keywords like every reward: ``images`` holds one list of images per chain (a single image or
+    None in its place is taken as ``[image]`` or ``[]``). The model is loaded once per (model_name, pretrained,
+    device) and shared by all instances. A chain without an image, or whose text column value is None, gets
+    None (the reward does not apply to it).
     """
 
     name = "clip_consistency"
@@ -207,21 +211,23 @@ class ClipConsistencyReward:
         self.required_columns: tuple[str, ...] = () if text_column == ANSWER else (text_column,)
 
     def __call__(
-        self, prompts: list[str], completions: list[str], images: list[Image.Image | None], **columns: Any
+        self, prompts: list[Any], completions: list[str], images: Sequence[Any] | None = None, **kwargs: Any
     ) -> list[float | None]:
-        if len(images) != len(completions):
-            raise ValueError(f"clip_consistency: {len(completions)} completions but {len(images)} images")
-        texts = self._texts(completions, columns)
-        todo = [i for i, (image, text) in enumerate(zip(images, texts)) if image is not None and text is not None]
-        scores: list[float | None] = [None] * len(completions)
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            cosines = self.similarity([images[i] for i in chunk], [texts[i] for i in chunk])
-            if self.clamp_min is not None:
+        chains = chain_images(images, len(completions))
+        if len(chains) != len(completions):
+            raise ValueError(f"clip_consistency: {len(completions)} completions but images for {len(chains)} chains")
+        texts = self._texts(completions, kwargs)
+        # Every (chain, image) pair, scored in batches of batch_size whatever the number of images per chain.
+        pairs = [(i, image) for i, (chain, text) in enumerate(zip(chains, texts)) if text is not None for image in chain]
+        per_chain: list[list[float]] = [[] for _ in completions]
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            cosines = self.similarity([image for _, image in chunk], [texts[i] for i, _ in chunk])
+            if self.clamp_min is not None:  # per image, as MindOmni clamps each image's cosine
                 cosines = cosines.clamp(min=self.clamp_min)
-            for i, value in zip(chunk, cosines.tolist()):
-                scores[i] = value
-        return scores
+            for (i, _), value in zip(chunk, cosines.tolist()):
+                per_chain[i].append(value)
+        return [sum(values) / len(values) if values else None for values in per_chain]
 
     @torch.inference_mode()
     def similarity(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
@@ -234,7 +240,7 @@ class ClipConsistencyReward:
 
     def _texts(self, completions: list[str], columns: dict[str, Any]) -> list[str | None]:
         if self.text_column == ANSWER:
-            return [a if (a := extract_answer(c)) is not None else c for c in completions]
+            return [a if (a := extract_answer(t)) is not None else t for t in map(completion_text, completions)]
         if self.text_column not in columns:
             raise KeyError(f"clip_consistency needs column {self.text_column!r}; columns given: {sorted(columns)}")
         texts = columns[self.text_column]

@@ -1,4 +1,7 @@
-"""Running several rewards on a batch and summing them with weights, with errors that name the culprit."""
+"""Running several rewards on a batch and summing them with weights, with errors that name the culprit.
+
+Each reward is called as TRL's ``GRPOTrainer`` calls it: keywords only (see :mod:`rewards.contract`).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .registry import RewardError, required_columns, reward_name
+from .contract import INPUTS, as_messages, chain_images, reads, refused_keywords, takes_messages
+from .registry import RewardError, required_columns, reward_name, unwrap
 
 __all__ = ["check_columns", "combine"]
 
@@ -37,18 +41,29 @@ def combine(
     weights: Sequence[float] | None,
     prompts: list[str],
     completions: list[str],
-    images: list[Any],
+    images: Sequence[Any] | None,
     columns: Mapping[str, list[Any]],
     timeout: float | None = None,
     parallel: bool = False,
+    *,
+    completion_ids: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every reward on the batch and return ``(total, per_reward)``.
 
+    Each reward is called with keywords only: ``prompts=``, ``completions=``, ``completion_ids=``,
+    ``images=`` (one list of images per chain) and every column.
+
     Args:
-        rewards: reward callables (e.g. from :func:`rewards.get_reward`).
+        rewards: reward callables (e.g. from :func:`rewards.get_rewards`).
         weights: one weight per reward; None uses each reward's ``.weight`` (1.0 when it has none).
-        prompts, completions, images: the N samples.
+        prompts, completions: the N samples. A reward that takes TRL's conversational form (see
+            :func:`rewards.contract.takes_messages`) gets text ones as one-message lists.
+        images: per sample, the list of images its chain drew (0, 1 or several). A single image or None in
+            place of a list is taken as ``[image]`` or ``[]`` (callers that draw one image per chain); None
+            for the whole batch: no images.
         columns: the other data columns, each a list of N values, passed to the rewards as keywords.
+        completion_ids: per sample, the completion's token ids, or None when the caller has none (a reward
+            that needs them then fails before it is called, naming itself).
         timeout: seconds each reward may take for the batch; None: no limit.
         parallel: run the rewards at the same time, each in its own thread (for rewards that wait on something
             else: a remote judge, a subprocess, another GPU). Errors are still reported in the rewards' order.
@@ -65,7 +80,9 @@ def combine(
             length, or returns NaN, inf or a non-number (naming the sample index too).
     """
     n = len(prompts)
-    _check_batch(n, completions, images, columns)
+    images = chain_images(images, n) if images is not None else None
+    _check_batch(n, completions, images, columns, completion_ids)
+    images = images if images is not None else chain_images(None, n)
     if weights is None:
         weights = [float(getattr(r, "weight", 1.0)) for r in rewards]
     if len(weights) != len(rewards):
@@ -75,17 +92,18 @@ def combine(
             raise RewardError(f"reward {reward_name(reward)!r} has weight {w}; weights must be finite")
     for reward in rewards:
         check_columns(reward, columns)
+        _check_call(reward, columns, completion_ids)
+    batch = Batch(list(prompts), list(completions), None if completion_ids is None else list(completion_ids),
+                  images, dict(columns))
     per_reward = torch.full((n, len(rewards)), float("nan"), dtype=torch.float32)
     if parallel and len(rewards) > 1:
         # All start now, so each one's time limit counts from now (not from when the one before it finished).
         deadline = None if timeout is None else time.monotonic() + timeout
-        started = [_start(reward, reward_name(reward), *_inputs(prompts, completions, images, columns))
-                   for reward in rewards]
+        started = [_start(reward, reward_name(reward), batch.inputs(reward)) for reward in rewards]
         outcomes = [lambda f=future, r=reward: _wait(f, reward_name(r), timeout, n, deadline)
                     for future, reward in zip(started, rewards)]
     else:
-        outcomes = [lambda r=reward: _call(r, reward_name(r), timeout, prompts, completions, images, columns)
-                    for reward in rewards]
+        outcomes = [lambda r=reward: _call(r, reward_name(r), timeout, batch) for reward in rewards]
     for j, (reward, outcome) in enumerate(zip(rewards, outcomes)):
         name = reward_name(reward)
         per_reward[:, j] = torch.tensor(_validate(_named_errors(outcome, name), name, n), dtype=torch.float32)
@@ -93,35 +111,68 @@ def combine(
     return torch.nansum(weighted, dim=1), per_reward
 
 
-def _check_batch(n: int, completions: list[str], images: list[Any], columns: Mapping[str, list[Any]]) -> None:
-    lengths = {"completions": len(completions), "images": len(images)}
+def _check_batch(n: int, completions: list[str], images: list[list[Any]] | None,
+                 columns: Mapping[str, list[Any]], completion_ids: Sequence[Any] | None) -> None:
+    clash = sorted(set(columns) & set(INPUTS))
+    if clash:
+        raise RewardError(f"data column(s) {clash} take the name of a reward input {list(INPUTS)}; rename them")
+    lengths = {"completions": len(completions)}
+    if images is not None:
+        lengths["images"] = len(images)
+    if completion_ids is not None:
+        lengths["completion_ids"] = len(completion_ids)
     lengths.update({f"column {k!r}": len(v) for k, v in columns.items()})
     wrong = [f"{k} has {v}" for k, v in lengths.items() if v != n]
     if wrong:
         raise RewardError(f"batch has {n} prompts but {', '.join(wrong)}; every list needs one entry per sample")
 
 
-def _inputs(
-    prompts: list[str], completions: list[str], images: list[Any], columns: Mapping[str, list[Any]]
-) -> tuple[tuple[list[Any], ...], dict[str, list[Any]]]:
-    # Copies: a reward that edits its inputs in place must not change what another reward sees.
-    return (list(prompts), list(completions), list(images)), {k: list(v) for k, v in columns.items()}
+def _check_call(reward: Any, columns: Mapping[str, Any], completion_ids: Sequence[Any] | None) -> None:
+    """Fail before calling a reward that cannot take the call (no ``**kwargs``) or needs what is missing."""
+    name, fn = reward_name(reward), unwrap(reward)
+    refused = refused_keywords(fn, [*INPUTS, *columns])
+    if refused:
+        raise RewardError(
+            f"reward {name!r} cannot be called with {refused}: rewards are called with keywords prompts=, "
+            f"completions=, completion_ids=, images= and every data column, as TRL's GRPOTrainer calls them; "
+            f"add **kwargs to its signature"
+        )
+    if completion_ids is None and reads(fn, "completion_ids"):
+        raise RewardError(f"reward {name!r} needs completion_ids, but the caller passed none (completion_ids=None)")
 
 
-def _call(
-    reward: Callable[..., Any],
-    name: str,
-    timeout: float | None,
-    prompts: list[str],
-    completions: list[str],
-    images: list[Any],
-    columns: Mapping[str, list[Any]],
-) -> Any:
-    args, kwargs = _inputs(prompts, completions, images, columns)
+class Batch:
+    """The inputs of one combine call, handed to each reward as fresh copies."""
+
+    def __init__(self, prompts: list[Any], completions: list[Any], completion_ids: list[Any] | None,
+                 images: list[list[Any]], columns: dict[str, list[Any]]) -> None:
+        self.prompts, self.completions, self.completion_ids = prompts, completions, completion_ids
+        self.images, self.columns = images, columns
+
+    def inputs(self, reward: Any) -> dict[str, Any]:
+        """The keywords for ``reward``: copies, so that a reward editing its inputs in place cannot change
+        what another reward sees; text as message lists for a reward that takes TRL's conversational form."""
+        conversational = getattr(reward, "conversational", None)
+        if not isinstance(conversational, bool):
+            conversational = takes_messages(reward)
+        prompts, completions = list(self.prompts), list(self.completions)
+        if conversational:
+            prompts, completions = as_messages(prompts, "user"), as_messages(completions, "assistant")
+        return {
+            "prompts": prompts,
+            "completions": completions,
+            "completion_ids": None if self.completion_ids is None else [list(ids) for ids in self.completion_ids],
+            "images": [list(chain) for chain in self.images],
+            **{k: list(v) for k, v in self.columns.items()},
+        }
+
+
+def _call(reward: Callable[..., Any], name: str, timeout: float | None, batch: Batch) -> Any:
+    kwargs = batch.inputs(reward)
     if timeout is None:
-        return reward(*args, **kwargs)
+        return reward(**kwargs)
     deadline = time.monotonic() + timeout
-    return _wait(_start(reward, name, args, kwargs), name, timeout, len(prompts), deadline)
+    return _wait(_start(reward, name, kwargs), name, timeout, len(batch.prompts), deadline)
 
 
 def _named_errors(outcome: Callable[[], Any], name: str) -> Any:
@@ -134,9 +185,7 @@ def _named_errors(outcome: Callable[[], Any], name: str) -> Any:
         raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
 
 
-def _start(
-    reward: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> concurrent.futures.Future[Any]:
+def _start(reward: Callable[..., Any], name: str, kwargs: dict[str, Any]) -> concurrent.futures.Future[Any]:
     """Run the reward in a daemon thread; its result (or exception) arrives in the returned future.
 
     A Python thread cannot be killed: a reward that hangs past its timeout keeps running in the background. The
@@ -153,7 +202,7 @@ def _start(
         try:
             if cuda_device is not None:
                 torch.cuda.set_device(cuda_device)
-            future.set_result(reward(*args, **kwargs))
+            future.set_result(reward(**kwargs))
         except BaseException as e:  # handed to the waiting thread, which re-raises it
             future.set_exception(e)
 

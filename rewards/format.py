@@ -7,7 +7,7 @@ from typing import Any
 
 from .registry import register_reward
 
-__all__ = ["extract_answer", "format_reward", "format_strict_reward"]
+__all__ = ["completion_text", "extract_answer", "format_reward", "format_strict_reward"]
 
 # MindOmni's format check, kept exactly: any text may come before, between and after the two blocks.
 _FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -15,20 +15,29 @@ _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 
 
 @register_reward("format")
-def format_reward(prompts: list[str], completions: list[str], images: list[Any] | None = None, **columns: Any) -> list[float]:
-    """1.0 where the completion contains a ``<think>`` block followed by an ``<answer>`` block, else 0.0."""
-    return [1.0 if _FORMAT.search(c) else 0.0 for c in completions]
+def format_reward(prompts: list[Any], completions: list[str], **kwargs: Any) -> list[float]:
+    """1.0 where the completion contains a ``<think>`` block followed by an ``<answer>`` block, else 0.0.
+
+    Called with keywords like every reward (``format_reward(prompts=..., completions=..., images=..., ...)``);
+    other inputs are ignored.
+    """
+    return [1.0 if _FORMAT.search(completion_text(c)) else 0.0 for c in completions]
 
 
 @register_reward("format_strict")
-def format_strict_reward(
-    prompts: list[str], completions: list[str], images: list[Any] | None = None, **columns: Any
-) -> list[float]:
+def format_strict_reward(prompts: list[Any], completions: list[str], **kwargs: Any) -> list[float]:
     """1.0 where the whole completion (stripped) is a ``<think>`` block then an ``<answer>`` block, else 0.0.
 
     Unlike :func:`format_reward`, text before the ``<think>`` or after the ``</answer>`` scores 0.
     """
-    return [1.0 if _FORMAT.fullmatch(c.strip()) else 0.0 for c in completions]
+    return [1.0 if _FORMAT.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion given as text or as TRL's message list (the last message's content)."""
+    if isinstance(completion, str):
+        return completion
+    return completion[-1]["content"]
 
 
 def extract_answer(text: str) -> str | None:

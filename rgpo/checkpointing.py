@@ -228,3 +228,32 @@ def use_weights_only_loading(engine) -> None:
                          f"loads engine checkpoints only with torch.load(weights_only=True) (remove "
                          f"'checkpoint.writer' / 'datastates' from the DeepSpeed JSON)")
     engine.checkpoint_engine = _weights_only_engine_class()(engine._config)
+
+
+# Config keys that hold paths: a checkpoint records them absolute, so it works from any folder and any machine
+# that has the same files (``--model-path`` replaces the base model where that machine's differs).
+def _path_slots(config: dict[str, Any]) -> list[tuple[dict, str]]:
+    slots = [(config.get("model") or {}, "path"), (config.get("data") or {}, "train_file"),
+             (config.get("data") or {}, "eval_file"), (config.get("deepspeed") or {}, "config")]
+    for spec in (config.get("rewards") or {}).get("functions") or []:
+        if isinstance(spec, dict) and isinstance(spec.get("kwargs"), dict):
+            slots.append((spec["kwargs"], "pretrained"))
+    return slots
+
+
+def absolute_paths(config: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """A copy of a resolved config dict whose relative paths that exist under ``base`` are made absolute
+    (``tiny``, ``random:...`` and paths that do not exist there are left as they are)."""
+    config = json.loads(json.dumps(config))
+    for block, key in _path_slots(config):
+        value = block.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (Path(base) / value).exists():
+            block[key] = str((Path(base) / value).resolve())
+    return config
+
+
+def config_with_portable_paths(config: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
+    """The config a checkpoint recorded, its relative paths (written before checkpoints made them absolute)
+    resolved against the folder training ran in, which the state records as ``cwd``."""
+    state_cwd = read_state(Path(checkpoint)).get("cwd")
+    return absolute_paths(config, state_cwd) if state_cwd else config

@@ -31,37 +31,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_trained(checkpoint: str, device: str = "cpu"):
-    """The model of a checkpoint with its trained weights applied (LoRA merged)."""
-    from safetensors.torch import load_file
-
-    from rgpo import checkpointing as ckpt
-    from rgpo.config import load_config
-    from rgpo.trainer import apply_trainable, build_model
-
-    path = Path(checkpoint)
-    state = ckpt.read_state(path)
-    cfg = load_config(None, ["model.gradient_checkpointing=false"], values=state["config"])
-    model = apply_trainable(build_model(cfg), cfg)
-    weights = load_file(str(path / "trainable.safetensors"))
-    missing = set(weights) - {n for n, _ in model.named_parameters()}
-    if missing:
-        raise ValueError(f"{path}/trainable.safetensors holds weights this model lacks, e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(weights, strict=False)
-    if cfg.trainable.mode == "lora":
-        model.vlm = model.vlm.merge_and_unload()
-    return model.to(device).eval(), cfg
-
-
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from rgpo.building import load_trained
     from rgpo.data import load_prompts
-    from rgpo.models.base import ImageSamplingConfig
-    from rgpo.tracking import contact_sheet
-    from rgpo.trainer import draw_images
+    from rgpo.models import ImageSamplingConfig
+    from rgpo.tracking import contact_sheet, side_by_side
 
-    model, cfg = load_trained(args.checkpoint)
+    model, cfg = load_trained(args.checkpoint, model_path=args.model_path)
     rows = load_prompts(args.prompts)[: args.limit or None]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,20 +50,29 @@ def _sample(args: argparse.Namespace) -> int:
         prompts = model.build_prompts([r.as_model_row() for r in rows])
         completions = model.generate(prompts, num_generations=1, max_new_tokens=cfg.rollout.max_new_tokens,
                                      temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
-        fwd = model.forward_text(prompts, completions, with_condition=True)
-        images = draw_images(model, fwd.condition, fwd.condition_mask, model.initial_noise(len(rows), 1, icfg), icfg)
-    for i, (row, text, image) in enumerate(zip(rows, completions.texts, images)):
-        image.save(out / f"{i:04d}.png")
+        images: list[list] = [[] for _ in rows]
+        if cfg.rollout.image.enabled:
+            fwd = model.forward_text(prompts, completions, with_condition=True)
+            drawn = model.draw(fwd.condition, model.initial_noise(len(rows), 1, icfg), icfg)
+            images = [[image] for image in drawn]
+    for i, (row, text, chain_images) in enumerate(zip(rows, completions.texts, images)):
+        for j, image in enumerate(chain_images):
+            image.save(out / (f"{i:04d}.png" if len(chain_images) == 1 else f"{i:04d}-{j}.png"))
         (out / f"{i:04d}.txt").write_text(f"{row.prompt}\n\n{text}\n")
-    contact_sheet(images, [f"{r.prompt} | {t}" for r, t in zip(rows, completions.texts)]).save(out / "contact_sheet.png")
-    print(f"wrote {len(images)} images, their reasoning and contact_sheet.png to {out}")
+    sheets = [(side_by_side(ims), f"{r.prompt} | {t}") for r, t, ims in zip(rows, completions.texts, images) if ims]
+    if sheets:
+        contact_sheet([s[0] for s in sheets], [s[1] for s in sheets]).save(out / "contact_sheet.png")
+    print(f"wrote {sum(len(ims) for ims in images)} images, the reasoning of {len(rows)} prompts and "
+          f"contact_sheet.png to {out}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    model, _ = load_trained(args.checkpoint)
+    from rgpo.building import load_trained
+
+    model, _ = load_trained(args.checkpoint, model_path=args.model_path)
     model.save_pretrained(args.out)
-    print(f"wrote the trained model in the MindOmni layout to {args.out}")
+    print(f"wrote the trained model in the {model.family} release layout to {args.out}")
     return 0
 
 
@@ -99,12 +86,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval_toy(args: argparse.Namespace) -> int:
     import json
 
+    from rgpo.building import build_model, load_trained
     from rgpo.config import load_config
     from rgpo.demo import default_config, evaluate_model
-    from rgpo.trainer import build_model
 
     if args.checkpoint:
-        model, cfg = load_trained(args.checkpoint)
+        model, cfg = load_trained(args.checkpoint, model_path=args.model_path)
     else:
         cfg = load_config(args.config or default_config(), args.overrides)
         model = build_model(cfg)
@@ -129,11 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--limit", type=int, default=0)
     sample.add_argument("--seed", type=int, default=42)
     sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--model-path", default=None,
+                        help="the base model folder, when not where the checkpoint's run found it")
     sample.set_defaults(func=_sample)
 
-    export = sub.add_parser("export", help="write a checkpoint's model in the MindOmni release layout")
+    export = sub.add_parser("export", help="write a checkpoint's model (LoRA merged) in its family's release layout")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
+    export.add_argument("--model-path", default=None,
+                        help="the base model folder, when not where the checkpoint's run found it")
     export.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="RGPO on the embedded toy world (CPU, minutes), evaluated before and after")
@@ -146,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     toy_eval = sub.add_parser("eval-toy", help="held-out format rate, reasoning accuracy and CLIP consistency "
                               "of a toy-world model (a checkpoint, or the config's starting model)")
     toy_eval.add_argument("--checkpoint", default=None, help="a training checkpoint; default: the starting model")
+    toy_eval.add_argument("--model-path", default=None,
+                          help="the base model folder, when not where the checkpoint's run found it")
     toy_eval.add_argument("--config", default=None, help="default: configs/toy_world.yaml")
     toy_eval.add_argument("--eval-prompts", type=int, default=64)
     toy_eval.add_argument("--samples", type=int, default=4)

@@ -30,17 +30,21 @@ class ConfigError(ValueError):
 # ------------------------------------------------------------------------------------------------ the tree
 @dataclass
 class ModelConfig:
-    family: str = "mindomni"
-    """Unified-model family (see ``rgpo.models.MODEL_FAMILIES``)."""
+    family: str | None = None
+    """Unified-model family (``rgpo.models.MODEL_FAMILIES``); None: detected from the layout of the folder
+    ``path`` names. Models built in memory (``tiny``) need it."""
     path: str | None = None
-    """Checkpoint folder in the family's released layout (MindOmni: mllm/, image_decoder/, vae/,
-    connector.safetensors). ``tiny`` builds a tiny random model in memory (tests, smoke runs); ``random:<shape>``
-    random weights in a named shape (``random:mindomni-7b``: the released model's sizes, for benchmarks)."""
+    """Checkpoint folder in the family's released layout (see the README's "Model families"). ``tiny`` builds a
+    tiny random model in memory (tests, smoke runs); ``random:<shape>`` random weights in a named shape
+    (e.g. the released model's sizes, for benchmarks)."""
+    options: dict = field(default_factory=dict)
+    """The family's typed options (prompts, caches, batch sizes of its parts): ``rgpo config keys`` lists each
+    family's with its docs. Unknown keys are errors."""
     dtype: str = "bfloat16"
-    """Weights and compute dtype of the VLM, connector and decoder: bfloat16, float16 or float32. The VAE
-    always runs in float32."""
+    """Weights and compute dtype of the trained and generating parts: bfloat16, float16 or float32. Parts a
+    family keeps in float32 (a VAE) stay float32."""
     gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass (VLM and decoder): less memory, ~30% more compute."""
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the checkpoint folder to run. Off: only library classes are used."""
 
@@ -48,24 +52,25 @@ class ModelConfig:
 @dataclass
 class TrainableConfig:
     mode: str = "lora"
-    """What of the VLM's language model trains: ``lora`` (peft adapter; the reference is the adapter disabled,
-    as MindOmni) or ``full`` (every language-model weight; the reference is a separate frozen copy)."""
+    """How the language model trains: ``lora`` (peft adapter; the reference is the adapter disabled, as
+    MindOmni's RGPO) or ``full`` (every weight outside the vision tower; the reference is a frozen copy)."""
     lora_r: int = 64
     """LoRA rank (MindOmni: 64)."""
     lora_alpha: int = 128
     """LoRA scaling numerator (MindOmni: 128)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input (MindOmni: 0.05). Set 0 for bit-exact reproducibility checks."""
-    train_connector: bool = False
-    """Also train the connector (MindOmni freezes it; gradients flow through it either way). In LoRA mode the
-    reference runs a frozen copy of the connector as built."""
-    decoder_lora_r: int = 0
-    """Rank of a LoRA on the decoder's attention projections; 0 = decoder frozen (MindOmni)."""
-    decoder_lora_alpha: int | None = None
-    """LoRA scaling numerator of the decoder LoRA; None: 2 * decoder_lora_r."""
-    decoder_lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module names (suffixes) of the decoder that get the LoRA: the attention projections by default; add
-    ``gate_up_proj`` / ``down_proj`` for the MLPs."""
+    full_parts: list[str] = field(default_factory=list)
+    """Other parts of the model trained in full, by the family's part names (e.g. ``[connector]``; see the
+    README's "Model families"). Gradients flow through frozen parts either way. In LoRA mode the reference runs
+    frozen copies of these parts as built."""
+    generator_lora_r: int = 0
+    """Rank of a LoRA on the image generator (the part the image sampler integrates); 0: generator frozen."""
+    generator_lora_alpha: int | None = None
+    """LoRA scaling numerator of the generator LoRA; None: 2 * generator_lora_r."""
+    generator_lora_targets: list[str] | None = None
+    """Module-name suffixes in the generator that get the LoRA; None: the family's default (its attention
+    projections)."""
 
 
 @dataclass
@@ -86,13 +91,13 @@ class ImageConfig:
     enabled: bool = True
     """Draw an image per chain. False gives plain VLM GRPO on text (no decoder, no image KL)."""
     height: int = 512
-    """Image height in pixels; a multiple of 16 (VAE factor 8 x patch 2)."""
+    """Image height in pixels; a multiple of what the family needs (MindOmni: 16, its VAE factor x patch)."""
     width: int = 512
-    """Image width in pixels; a multiple of 16."""
+    """Image width in pixels; likewise."""
     steps: int = 50
-    """Euler denoising steps."""
+    """Denoising steps of the family's sampler."""
     guidance_scale: float = 3.0
-    """Classifier-free guidance scale against the fixed negative prompt; 1 disables guidance."""
+    """Classifier-free guidance scale against the family's negative; 1 disables guidance."""
     seed: int = 42
     """Seed of the initial noise. MindOmni uses 42 for every rollout of every step."""
     shared_noise: bool = True
@@ -186,18 +191,26 @@ class LossConfig:
     image_regularizer: str = "feature_kl"
     """Image-side regulariser, weighted by image_kl_coef: feature_kl (MindOmni's layer-wise decoder-feature KL),
     velocity_mse, gaussian_kl (closed-form KL between the policy's and the reference's SDE step Gaussians on the
-    recorded stochastic steps, Flow-GRPO's KL; needs rollout.image.noise_level > 0), or none."""
+    recorded stochastic steps: the exact KL, or Flow-GRPO's scaling with image_kl_convention=flow_grpo; needs
+    rollout.image.noise_level > 0), or none. A family refuses one it cannot compute."""
+    image_kl_convention: str = "exact"
+    """How gaussian_kl measures one SDE step's divergence from the reference. exact: the true KL between the
+    policy's and the reference's step Gaussians, |mean - mean_ref|^2 / (2 std^2) with std = a sqrt((1 - t) dt / t~),
+    mean over latent elements. flow_grpo: Flow-GRPO's kl_loss, which divides by their std_dev_t = a sqrt((1 - t) /
+    t~), the std WITHOUT the step's sqrt(dt): it is exact x dt per step (1/S of it on a uniform S-step grid). A
+    Flow-GRPO beta (0.04 or 0.01 in their configs) reproduces their regularisation only with flow_grpo; under exact
+    the same number regularises 1/dt times harder."""
     image_pg_coef: float = 0.0
     """Coefficient of the image policy-gradient loss (PPO-clipped ratio of the recorded SDE steps' log-probs,
     advantages within each chain's M images); 0: off (MindOmni's RGPO). Needs rollout.image.noise_level > 0,
-    rollout.image.images_per_chain >= 2 and a trainable image side (trainable.decoder_lora_r or
-    trainable.train_connector)."""
+    rollout.image.images_per_chain >= 2 and a trainable image side (trainable.generator_lora_r or
+    trainable.full_parts)."""
     image_clip_range: float = 1.0e-4
     """Clip range of the image ratio: clip(r, 1 - image_clip_range, 1 + image_clip_range). Flow-GRPO uses 1e-4
     with its mean-over-latent-elements log-probs, which rgpo's SDE log-probs reproduce."""
     image_condition_grad: bool = False
     """Let the image policy-gradient loss (and gaussian_kl) reach the VLM through the condition states. False
-    (Flow-GRPO, default): the condition is detached, the image loss trains only the decoder LoRA / connector and
+    (Flow-GRPO, default): the condition is detached, the image loss trains only the generator LoRA / full parts and
     the VLM learns from the text loss alone."""
     image_kl_tau: float = 3.0
     """Softmax temperature of feature_kl (MindOmni: 3)."""
@@ -330,8 +343,7 @@ class RGPOConfig:
         if r.image.enabled:
             for key in ("height", "width"):
                 value = getattr(r.image, key)
-                _require(value > 0 and value % 16 == 0, f"rollout.image.{key}", value,
-                         "a positive multiple of 16: the VAE downsamples by 8 and the decoder patches by 2")
+                _require(value > 0, f"rollout.image.{key}", value, "> 0 (the family checks its own multiple)")
             _require(r.image.steps >= 1, "rollout.image.steps", r.image.steps, ">= 1")
         _require(self.loss.image_kl_timesteps >= 1, "loss.image_kl_timesteps", self.loss.image_kl_timesteps, ">= 1")
         _validate_image_policy(self)
@@ -357,6 +369,7 @@ _CHOICES = {
     "loss.aggregation": ("grpo", "bnpo", "dapo", "dr_grpo"),
     "loss.advantage_scale": ("group", "batch", "none"),
     "loss.image_regularizer": ("feature_kl", "velocity_mse", "gaussian_kl", "none"),
+    "loss.image_kl_convention": ("exact", "flow_grpo"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "logging.mode": (None, "online", "offline", "disabled"),
 }
@@ -377,10 +390,11 @@ def _validate_image_policy(cfg: RGPOConfig) -> None:
     _require(img.noise_level >= 0, "rollout.image.noise_level", img.noise_level, ">= 0 (0: deterministic Euler)")
     _require(lc.image_pg_coef >= 0, "loss.image_pg_coef", lc.image_pg_coef, ">= 0 (0: image policy gradient off)")
     _require(lc.image_clip_range > 0, "loss.image_clip_range", lc.image_clip_range, "> 0")
-    _require(t.decoder_lora_r >= 0, "trainable.decoder_lora_r", t.decoder_lora_r, ">= 0 (0: decoder frozen)")
-    if t.decoder_lora_r > 0:
-        _require(bool(t.decoder_lora_targets), "trainable.decoder_lora_targets", t.decoder_lora_targets,
-                 "at least one decoder module name when trainable.decoder_lora_r > 0")
+    _require(t.generator_lora_r >= 0, "trainable.generator_lora_r", t.generator_lora_r,
+             ">= 0 (0: generator frozen)")
+    if t.generator_lora_r > 0 and t.generator_lora_targets is not None:
+        _require(bool(t.generator_lora_targets), "trainable.generator_lora_targets", t.generator_lora_targets,
+                 "at least one generator module name (or null: the family's default)")
     if not img.enabled:
         _require(img.images_per_chain == 1, "rollout.image.images_per_chain", img.images_per_chain,
                  "1 when rollout.image.enabled is false (no images are drawn)")
@@ -411,14 +425,16 @@ def _validate_image_policy(cfg: RGPOConfig) -> None:
 
 
 def _require_image_gradient_path(cfg: RGPOConfig, loss: str) -> None:
-    """The SDE-step image losses see the recorded (detached) condition: without a trainable decoder LoRA or
-    connector, or the condition's gradient let through to the VLM, they would be logged but train nothing."""
+    """The SDE-step image losses see the recorded (detached) condition: without a trainable generator LoRA or
+    part, or the condition's gradient let through to the language model, they would be logged but train
+    nothing."""
     t, lc = cfg.trainable, cfg.loss
-    _require(t.decoder_lora_r > 0 or t.train_connector or lc.image_condition_grad,
-             "trainable.decoder_lora_r / trainable.train_connector / loss.image_condition_grad",
-             (t.decoder_lora_r, t.train_connector, lc.image_condition_grad),
-             f"a gradient path for {loss}: set trainable.decoder_lora_r > 0 (LoRA on the decoder's attention), "
-             "trainable.train_connector=true and/or loss.image_condition_grad=true (into the VLM)")
+    _require(t.generator_lora_r > 0 or bool(t.full_parts) or lc.image_condition_grad,
+             "trainable.generator_lora_r / trainable.full_parts / loss.image_condition_grad",
+             (t.generator_lora_r, t.full_parts, lc.image_condition_grad),
+             f"a gradient path for {loss}: set trainable.generator_lora_r > 0 (LoRA on the image generator), "
+             "trainable.full_parts (e.g. [connector]) and/or loss.image_condition_grad=true (into the language "
+             "model)")
 
 
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -498,6 +514,23 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
+# Keys that were renamed when the trainable section came to name a family's parts.
+_RENAMED = {
+    "trainable.train_connector": "trainable.full_parts (a list of part names, e.g. [connector])",
+    "trainable.decoder_lora_r": "trainable.generator_lora_r",
+    "trainable.decoder_lora_alpha": "trainable.generator_lora_alpha",
+    "trainable.decoder_lora_targets": "trainable.generator_lora_targets",
+}
+
+
+def build_section(cls: type, values: dict, prefix: str) -> Any:
+    """A config dataclass ``cls`` from plain ``values`` (e.g. a family's ``model.options``), with the same checks
+    and messages as the whole tree, keys named under ``prefix``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}={values!r}: expected a mapping of {cls.__name__} fields")
+    return _build(cls, values, prefix, where_map=None)
+
+
 def _build(cls: type, values: dict, prefix: str, where_map: dict | None, fallback_where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -505,6 +538,8 @@ def _build(cls: type, values: dict, prefix: str, where_map: dict | None, fallbac
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         where = (where_map or {}).get(full, fallback_where)
+        if full in _RENAMED:
+            raise ConfigError(f"{full}{where} was renamed: use {_RENAMED[full]}")
         if key not in names:
             close = [n for n in names if n.startswith(str(key)[:3])]
             hint = f" (did you mean {close[0]!r}?)" if close else ""

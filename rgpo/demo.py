@@ -114,9 +114,9 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 
 def run_demo(config: str | None = None, overrides: list[str] | None = None, *, eval_prompts: int = 64,
              samples_per_prompt: int = 4, eval_seed: int = 0) -> dict[str, Any]:
-    from rgpo.cli import load_trained
+    from rgpo.building import build_model, load_trained
     from rgpo.config import load_config
-    from rgpo.trainer import RGPOTrainer, build_model
+    from rgpo.trainer import RGPOTrainer
 
     start = time.perf_counter()
     config, overrides = config or default_config(), overrides or []

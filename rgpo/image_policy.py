@@ -2,8 +2,9 @@
 
 Modes (see the README section "Image-side policy gradient"):
 
-- **text-only RGPO** (MindOmni; ``images_per_chain=1``, ``noise_level=0``, ``image_pg_coef=0``): this module is
-  not used at all; one Euler image per chain, the chain's reward trains the VLM.
+- **RGPO** (MindOmni's; ``images_per_chain=1``, ``noise_level=0``, ``image_pg_coef=0``): the degenerate case
+  of the same path: one deterministic image per chain, the chain's reward trains the language model, and the
+  image regulariser (feature KL / velocity MSE) keeps the condition near the reference's.
 - **N x M**: ``rollout.image.images_per_chain = M``; each chain draws M images (different initial noises, plus
   SDE noise when ``noise_level > 0``). Every image is scored; a chain's reward is the MEAN over its M images (a
   text-only reward such as ``format`` is the same on each, so it stays per chain), and the text advantages are
@@ -21,41 +22,43 @@ Modes (see the README section "Image-side policy gradient"):
   in the same backward, so both losses make one optimizer step. The reference of ``gaussian_kl`` is the model
   with every adapter disabled (VLM LoRA and decoder LoRA) fed the reference VLM's condition.
 
-What the image loss trains: the decoder LoRA (``trainable.decoder_lora_r``) and/or the connector
-(``trainable.train_connector``). The condition (the VLM's states) is DETACHED by default, as Flow-GRPO trains
-only the decoder; ``loss.image_condition_grad=true`` lets the image loss reach the VLM LoRA too (through a
-straight-through copy of the condition, whose value is the recorded one, so the on-policy ratio stays 1).
+What the image loss trains: the generator LoRA (``trainable.generator_lora_r``) and/or parts trained in full
+(``trainable.full_parts``, e.g. MindOmni's connector). The condition is DETACHED by default, as Flow-GRPO trains
+only the generator; ``loss.image_condition_grad=true`` lets the image loss reach the language model too (through
+a straight-through copy of the condition, whose value is the recorded one, so the on-policy ratio stays 1).
 
-Exact ratio 1 on the first on-policy step: the sampler and the update evaluate the guided velocity with the
-same method (``UnifiedModel.guided_velocity``), on the same cache-free decoder path (``decoder_kv_cache`` is
-switched off while sampling: the cached path differs by ~1e-5), and on the same batches: images are sampled in
-chunks of ``optim.micro_batch_size`` chains x M images, exactly the rows (and condition padding) of the update's
-micro-batches, from the recorded condition. Any other set of chains still works (its rows are selected from
-the recorded trajectory) but, padded differently, its ratio is only ~1.
+Exact ratio 1 on the first on-policy step: the sampler and the update evaluate the guided prediction with the
+same method (``UnifiedModel.image_prediction``), on the same exact path (``image_inputs(..., exact=True)``: no
+approximate cache), and on the same batches: images are sampled in chunks of ``optim.micro_batch_size`` chains x
+M images, exactly the rows (and condition padding) of the update's micro-batches, from the recorded condition.
+Any other set of chains still works (its rows are selected from the recorded trajectory) but, padded
+differently, its ratio is only ~1.
+
+The model is only ever reached through the family interface (:class:`rgpo.models.UnifiedModel`): conditions
+are opaque, the sampler is the family's (:mod:`rgpo.samplers`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from rgpo.losses import policy_loss
-from rgpo.models.mindomni import guided_batch
-from rgpo.sde import SDETrajectory, gaussian_step_kl, random_window_start, sde_log_prob, sde_mean_std
+from rgpo.advantages import global_advantages
+from rgpo.losses import feature_kl, policy_loss, velocity_mse
+from rgpo.models.base import Condition, ImageSamplingConfig, UnifiedModel
+from rgpo.scoring import score_samples
+from rgpo.sde import SDETrajectory, gaussian_step_kl, random_window_start
+from rgpo.seeding import mix_seed
 
 SDE_NOISE_TAG = 0x5DE  # mixed into the seeds of the per-image SDE-noise generators
 WINDOW_TAG = 0x3D0  # mixed into the seed of the per-step SDE window start
 
-
-def image_policy_active(cfg) -> bool:
-    """True when the rollout needs this module: several images per chain or SDE sampling. Otherwise the trainer
-    runs exactly as before (one Euler image per chain)."""
-    img = cfg.rollout.image
-    return img.enabled and (img.images_per_chain > 1 or img.noise_level > 0)
+ReferenceContext = Callable[[], AbstractContextManager[UnifiedModel]]
 
 
 # ================================================================================================ pure functions
@@ -123,9 +126,8 @@ class ImageRollout:
 
     images_per_chain: int
     images: list  # n * M PIL images, chain-major: chain i's images are i * M .. i * M + M - 1
-    condition: torch.Tensor  # (n, L, H) the sampling policy's condition states (no grad)
-    condition_mask: torch.Tensor  # (n, L)
-    sde: SDETrajectory | None  # every image's SDE steps, chain-major; None without an image loss (or Euler)
+    condition: Condition  # the sampling policy's conditions, one row per chain (no grad)
+    sde: SDETrajectory | None  # every image's stochastic steps, chain-major; None without an image loss
     per_image_rewards: torch.Tensor | None = None  # (n * M, R)
     advantages: torch.Tensor | None = None  # (n * M,) within-chain advantages
     metrics: dict[str, float] = field(default_factory=dict)
@@ -134,184 +136,220 @@ class ImageRollout:
         return image_rows(chains, self.images_per_chain)
 
     def trajectory(self, chains: list[int]) -> SDETrajectory | None:
-        """The recorded SDE steps of these chains' images (chain-major), or None when none were recorded."""
+        """The recorded stochastic steps of these chains' images (chain-major), or None when none were recorded."""
         return None if self.sde is None else self.sde.select(self.image_rows(chains))
+
+    def per_chain(self) -> list[list]:
+        """Each chain's M images."""
+        M = self.images_per_chain
+        return [self.images[i * M : (i + 1) * M] for i in range(len(self.images) // M)]
 
 
 # ================================================================================================ the trainer side
 class ImagePolicy:
-    """The trainer's image side for N x M rollouts and the image policy gradient. The trainer calls
-    :meth:`draw` in its rollout, :meth:`score` instead of its one-image scoring, and :meth:`loss` in every
-    micro-batch; everything else stays the trainer's."""
+    """The trainer's image side: drawing N x M images (the deterministic one-image RGPO rollout is its degenerate
+    case), scoring them, the image regulariser, and the image policy gradient. It holds only the run's image
+    settings; the model, the DeepSpeed engine and the reference are passed to each call."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        cfg = trainer.cfg
+    def __init__(self, cfg, device: torch.device):
         img, lc = cfg.rollout.image, cfg.loss
+        self.loss_cfg, self.rewards_cfg = lc, cfg.rewards
+        self.device = device
+        self.micro_batch_size = cfg.optim.micro_batch_size
+        self.group_size = cfg.rollout.num_generations
+        self.seed = cfg.seed
         self.M = img.images_per_chain
         self.noise_level = img.noise_level
+        self.base = ImageSamplingConfig(height=img.height, width=img.width, steps=img.steps,
+                                        guidance_scale=img.guidance_scale, seed=img.seed,
+                                        shared_noise=img.shared_noise)
         self.sampling = dataclasses.replace(
-            trainer.image_cfg, noise_level=img.noise_level, sde_window=img.sde_window,
-            sde_window_start=None, sde_window_range=tuple(img.sde_window_range) if img.sde_window_range else None)
+            self.base, noise_level=img.noise_level, sde_window=img.sde_window, sde_window_start=None,
+            sde_window_range=tuple(img.sde_window_range) if img.sde_window_range else None)
         self.gaussian_kl = lc.image_regularizer == "gaussian_kl" and lc.image_kl_coef > 0
+        self.feature_term = lc.image_regularizer in ("feature_kl", "velocity_mse") and lc.image_kl_coef > 0
         self.pg = lc.image_pg_coef > 0
         # Trajectories (and the exact, cache-free sampling path) are needed only when something recomputes them.
         self.recompute = self.noise_level > 0 and (self.pg or self.gaussian_kl)
+        # Images scored one by one with within-chain statistics (N x M or stochastic images); else the chain's one
+        # deterministic image is scored as the chain.
+        self.per_image = self.M > 1 or self.noise_level > 0
 
     @property
     def needs_condition(self) -> bool:
-        """Whether the update's text forward must return the condition (the image loss reaches the VLM)."""
-        return self.recompute and self.trainer.cfg.loss.image_condition_grad
+        """Whether the update's text forward must return the condition (an image term reaches the language
+        model through it)."""
+        return self.feature_term or (self.recompute and self.loss_cfg.image_condition_grad)
+
+    @property
+    def needs_reference_condition(self) -> bool:
+        return self.feature_term or self.gaussian_kl
 
     # ------------------------------------------------------------------------------------------- rollout
-    @torch.no_grad()
-    def draw(self, condition: torch.Tensor, condition_mask: torch.Tensor, slots) -> tuple[list, ImageRollout]:
-        """M images per chain, sampled in chunks of ``optim.micro_batch_size`` chains (the update's micro-batches).
-        Returns each chain's first image (for the rollout table) and the record of all of them."""
-        t = self.trainer
-        model = t.model
-        n = condition.shape[0]
-        mb = t.cfg.optim.micro_batch_size
-        gi, groups = [s.global_index for s in slots], [s.group for s in slots]
-        noise = self.initial_noise(gi, groups)
-        gens = self.sde_generators(gi, groups) if self.noise_level > 0 else None
-        icfg = self.sampling_config()
-        trajectories, images = [], []
-        with self._cache_off(model):
-            for start in range(0, n, mb):
-                rows = list(range(start, min(n, start + mb)))
-                embeds, mask, neg, neg_mask = self.connected(model, condition, condition_mask, rows)
-                images_of_rows = image_rows(rows, self.M)
-                out = model.sample_latents(embeds, mask, neg, neg_mask, noise[images_of_rows], icfg,
-                                           generator=[gens[j] for j in images_of_rows] if gens else None)
-                traj = out if isinstance(out, SDETrajectory) else None
-                images += model.decode_latents(traj.latents if traj is not None else out)
-                if self.recompute:  # kept only for an image loss that replays the steps
-                    trajectories.append(traj)
-        sde = SDETrajectory.cat(trajectories) if self.recompute else None
-        record = ImageRollout(self.M, images, condition, condition_mask, sde)
-        return [images[i * self.M] for i in range(n)], record
+    def initial_noise(self, model: UnifiedModel, global_indices: list[int], groups: list[int], step: int,
+                      image: int = 0) -> torch.Tensor:
+        """(n, ...) initial latents of each chain's image number ``image`` (> 0: extra images of an N x M rollout,
+        each with seeds of its own). Shared noise: the same seed for every rollout of a group (MindOmni uses one
+        seed for every rollout of every step), so in-group reward differences come only from the text; else one
+        per chain and step, from its global index (a group spread over ranks still draws the same)."""
+        icfg = self.base
+        shape = model.latent_shape(icfg.height, icfg.width)
+        extra = (image,) if image else ()
+        if icfg.shared_noise:
+            seed = mix_seed(icfg.seed, image) if image else icfg.seed
+            base = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            noise = base.expand(len(global_indices), *shape).clone()
+        else:
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                mix_seed(icfg.seed, step, i, *extra))) for i in global_indices])
+        return noise.to(self.device, dtype=model.latent_dtype)
 
-    def sampling_config(self):
+    @torch.no_grad()
+    def draw_deterministic(self, model: UnifiedModel, condition: Condition, global_indices: list[int],
+                           groups: list[int], step: int, negative_from: UnifiedModel) -> list[list]:
+        """One deterministic image per chain (RGPO's rollout, evaluation), as a list per chain."""
+        noise = self.initial_noise(model, global_indices, groups, step)
+        return [[image] for image in model.draw(condition, noise, self.base, negative_from=negative_from)]
+
+    @torch.no_grad()
+    def draw(self, model: UnifiedModel, condition: Condition, slots, step: int,
+             negative_from: UnifiedModel) -> tuple[list[list], ImageRollout]:
+        """M images per chain. With trajectories to replay they are sampled in chunks of ``optim.micro_batch_size``
+        chains (the update's micro-batches), otherwise in one batch. Returns each chain's images and the record."""
+        gi, groups = [s.global_index for s in slots], [s.group for s in slots]
+        if not self.per_image:
+            images = self.draw_deterministic(model, condition, gi, groups, step, negative_from)
+            return images, ImageRollout(1, [i for chain in images for i in chain], condition, None)
+        n = condition.num_rows
+        chunk = self.micro_batch_size if self.recompute else n
+        noise = torch.stack([self.initial_noise(model, gi, groups, step, m) for m in range(self.M)], 1).flatten(0, 1)
+        gens = self.sde_generators(gi, groups, step) if self.noise_level > 0 else None
+        icfg = self.sampling_config(step)
+        guided = icfg.guidance_scale != 1.0
+        trajectories, images = [], []
+        for start in range(0, n, chunk):
+            rows = list(range(start, min(n, start + chunk)))
+            cond = condition.select(rows).repeat_interleave(self.M)
+            negative = negative_from.negative_condition(cond.num_rows) if guided else None
+            inputs = model.image_inputs(cond, negative, guidance_scale=icfg.guidance_scale, exact=self.recompute)
+            images_of_rows = image_rows(rows, self.M)
+            out = model.sample_image_latents(inputs, noise[images_of_rows], icfg,
+                                             generator=[gens[j] for j in images_of_rows] if gens else None)
+            images += model.decode_latents(out.latents)
+            if self.recompute:  # kept only for an image loss that replays the steps
+                trajectories.append(out)
+        record = ImageRollout(self.M, images, condition, SDETrajectory.cat(trajectories) if self.recompute else None)
+        return record.per_chain(), record
+
+    def sampling_config(self, step: int) -> ImageSamplingConfig:
         """This step's sampling config: the SDE window start drawn from (seed, step), the same on every rank."""
         icfg = self.sampling
         if self.noise_level > 0 and icfg.sde_window is not None:
-            from rgpo.trainer import _mix
-
-            gen = torch.Generator().manual_seed(_mix(icfg.seed, self.trainer.step, WINDOW_TAG))
+            gen = torch.Generator().manual_seed(mix_seed(icfg.seed, step, WINDOW_TAG))
             start = random_window_start(icfg.steps, icfg.sde_window, gen, icfg.sde_window_range)
             icfg = dataclasses.replace(icfg, sde_window_start=start)
         return icfg
 
-    def initial_noise(self, global_indices: list[int], groups: list[int]) -> torch.Tensor:
-        """(n * M, C, h, w), chain-major. Image 0 of each chain gets the trainer's one-image noise (so M = 1 is
-        today's rollout); image m > 0 a seed of its own: shared by the whole group when ``shared_noise`` (and,
-        like MindOmni's, the same every step), else per chain and step."""
-        per_image = [self.trainer._initial_noise(global_indices, groups, m) for m in range(self.M)]
-        return torch.stack(per_image, 1).flatten(0, 1)
-
-    def sde_generators(self, global_indices: list[int], groups: list[int]) -> list[torch.Generator]:
+    def sde_generators(self, global_indices: list[int], groups: list[int], step: int) -> list[torch.Generator]:
         """One CPU generator per image (its SDE noise does not depend on the batch it is drawn in), seeded by
         (seed, step, m) and the group when ``shared_noise`` (image m of every chain of a group gets the same
         noise: chains are compared on common noise), else the chain."""
-        from rgpo.trainer import _mix
-
-        icfg, step = self.trainer.image_cfg, self.trainer.step
+        icfg = self.base
         keys = groups if icfg.shared_noise else global_indices
-        return [torch.Generator().manual_seed(_mix(icfg.seed, step, key, m, SDE_NOISE_TAG))
+        return [torch.Generator().manual_seed(mix_seed(icfg.seed, step, key, m, SDE_NOISE_TAG))
                 for key in keys for m in range(self.M)]
 
-    @contextmanager
-    def _cache_off(self, model):
-        """The exact sampling path: no condition KV cache while trajectories are recorded for recomputation."""
-        if not self.recompute or not hasattr(model, "decoder_kv_cache"):
-            yield
-            return
-        before = model.decoder_kv_cache
-        model.decoder_kv_cache = False
-        try:
-            yield
-        finally:
-            model.decoder_kv_cache = before
-
-    def connected(self, call, condition, condition_mask, rows: list[int], straight_through=None):
-        """Connector inputs of the chains ``rows`` x M images, exactly as sampled: the rows' condition trimmed to
-        their own padding, each repeated M times, through the connector; plus the connected negative prompt when
-        guided. ``call`` is the model (rollout) or the DeepSpeed engine (update, for ZeRO-3). ``straight_through``
-        (the update's condition with grad, same shape) adds its gradient path without changing the value."""
-        from rgpo.trainer import trim_left_padding
-
-        index = torch.tensor(rows, device=condition.device)
-        cond, mask = trim_left_padding(condition[index], condition_mask[index])
-        if straight_through is not None:
-            if straight_through.shape != cond.shape:
-                raise ValueError(f"the update's condition {tuple(straight_through.shape)} does not match the "
-                                 f"recorded one {tuple(cond.shape)} of the same chains")
-            cond = cond + (straight_through - straight_through.detach())
-        cond, mask = cond.repeat_interleave(self.M, 0), mask.repeat_interleave(self.M, 0)
-        embeds = _call(call, "connect", cond, mask)
-        neg = neg_mask = None
-        if self.sampling.guidance_scale != 1.0:
-            neg_states, neg_mask = self.trainer.negative_source.negative_condition(cond.shape[0])
-            neg = _call(call, "connect", neg_states, neg_mask)
-        return embeds, mask, neg, neg_mask
-
     # ------------------------------------------------------------------------------------------- rewards
-    def score(self, rollout) -> torch.Tensor:
-        """Score every image; return each chain's (n, R) rewards (mean over its M images) for the text
-        advantages, and store the within-chain image advantages on the record (rewards gathered across ranks
-        first, as the text side does)."""
-        from rgpo.trainer import global_advantages, score_samples
-
-        t, img, M = self.trainer, rollout.image_rollout, self.M
-        rows = [row for row in rollout.rows for _ in range(M)]
-        texts = [text for text in rollout.completions.texts for _ in range(M)]
-        per_image = score_samples(t.rewards, rows, texts, img.images, t.cfg.rewards, t.device)
-        weights = [r.weight for r in t.rewards]
-        image_indices = image_rows(rollout.global_indices, M)
-        lc = t.cfg.loss
-        advantages, _, totals = global_advantages(per_image, weights, image_indices, M, lc.advantage_scale,
-                                                  lc.advantage_eps)
-        img.per_image_rewards, img.advantages = per_image, advantages
-        img.metrics = within_chain_metrics(totals, M)
+    def score(self, rewards: list, rows, texts: list[str], record: ImageRollout,
+              global_indices: list[int]) -> torch.Tensor:
+        """Each chain's (n, R) rewards. One deterministic image per chain: the chain with its image. N x M: every
+        image scored on its own, a chain's reward the mean over its M images (for the text advantages), and the
+        within-chain image advantages stored on the record (rewards gathered across ranks first, as the text
+        side does). ``global_indices``: the chains' indices in the step's global batch."""
+        if not self.per_image:
+            return score_samples(rewards, rows, texts, record.per_chain(), self.rewards_cfg, self.device)
+        M = self.M
+        image_rows_data = [row for row in rows for _ in range(M)]
+        image_texts = [text for text in texts for _ in range(M)]
+        per_image = score_samples(rewards, image_rows_data, image_texts, [[im] for im in record.images],
+                                  self.rewards_cfg, self.device)
+        weights = [r.weight for r in rewards]
+        lc = self.loss_cfg
+        advantages, _, totals = global_advantages(per_image, weights, image_rows(global_indices, M), M,
+                                                  lc.advantage_scale, lc.advantage_eps)
+        record.per_image_rewards, record.advantages = per_image, advantages
+        record.metrics = within_chain_metrics(totals, M)
         return chain_rewards(per_image, M)
 
+    # ------------------------------------------------------------------------------------------- the regulariser
+    def regularizer(self, policy_call, reference: ReferenceContext, model: UnifiedModel, condition: Condition,
+                    ref_condition: Condition, seed: int) -> torch.Tensor:
+        """The feature KL (MindOmni's D_IKL) or the velocity MSE: the generator run, unguided, on the policy's
+        condition (with grad, which flows back into the language model) and on the reference's (no grad), from
+        fresh pure noise at times the family draws (MindOmni: its 51-point grid); ``loss.image_kl_timesteps``
+        draws per chain. ``policy_call`` is the DeepSpeed engine (ZeRO-3 fetches parameters through it)."""
+        lc = self.loss_cfg
+        K = lc.image_kl_timesteps
+        gen = torch.Generator().manual_seed(seed)
+        n = condition.num_rows
+        shape = model.latent_shape(self.base.height, self.base.width)
+        noise = torch.randn((n * K, *shape), generator=gen).to(self.device, model.latent_dtype)
+        t = model.regularizer_times(n * K, gen).to(self.device)
+        want_features = lc.image_regularizer == "feature_kl"
+
+        def run(call, cond: Condition):
+            inputs = call("image_inputs", cond.repeat_interleave(K), None, guidance_scale=1.0)
+            return call("generator_output", inputs, noise, t, return_features=want_features)
+
+        policy_out = run(policy_call, condition)
+        with torch.no_grad(), reference() as ref_model:
+            ref_out = run(ref_model, ref_condition)
+        if want_features:
+            per_sample = feature_kl(policy_out.features, ref_out.features, tau=lc.image_kl_tau)
+        else:
+            per_sample = velocity_mse(policy_out.prediction, ref_out.prediction)
+        return per_sample.mean()
+
     # ------------------------------------------------------------------------------------------- the loss
-    def loss(self, rollout, idx: list[int], out=None, policy_call=None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def loss(self, rollout, idx: list[int], out, policy_call, reference: ReferenceContext, model: UnifiedModel,
+             negative_from: UnifiedModel) -> tuple[torch.Tensor, dict[str, Any]]:
         """``image_pg_coef * L_img + image_kl_coef * KL_gauss`` (module docstring) for the chains ``idx`` and
         their metrics; ``(0, {})`` when nothing on the image side is recomputed. ``out`` is the update's text
-        forward (its condition is used only with ``loss.image_condition_grad``); ``policy_call`` defaults to the
-        DeepSpeed engine."""
-        t = self.trainer
-        lc = t.cfg.loss
+        forward (its condition is used only with ``loss.image_condition_grad``); ``policy_call`` the DeepSpeed
+        engine."""
+        lc = self.loss_cfg
         img = rollout.image_rollout
-        zero = torch.zeros((), device=t.device)
+        zero = torch.zeros((), device=self.device)
         if img is None or not self.recompute:
             return zero, {}
         traj = img.trajectory(idx)
         if traj is None or traj.x.shape[1] == 0:
             return zero, {}
-        call = policy_call if policy_call is not None else t.engine
+        # The recorded condition carries no graph: by default (detached) only the parts trained in full and the
+        # generator LoRA get gradients from the image loss.
         straight = out.condition if lc.image_condition_grad and out is not None else None
-        # The recorded condition carries no graph: by default (detached) only the connector, when it trains, and
-        # the decoder LoRA get gradients from the image loss.
-        embeds, mask, neg, neg_mask = self.connected(call, img.condition, img.condition_mask, idx, straight)
-        policy_in = guided_batch(embeds, mask, neg, neg_mask)
-        ref_in = self._reference_inputs(rollout, idx) if self.gaussian_kl else None
-        g = self.sampling.guidance_scale if neg is not None else 1.0
+        policy_inputs = self._inputs(policy_call, img.condition, idx, negative_from, straight)
+        ref_inputs = None
+        if self.gaussian_kl:
+            if rollout.ref_condition is None:
+                raise ValueError("loss.image_regularizer=gaussian_kl needs the reference condition from the rollout")
+            with torch.no_grad(), reference() as ref_model:
+                ref_inputs = self._inputs(ref_model, rollout.ref_condition, idx, negative_from)
+        sampler = model.image_sampler(self.sampling)
         a = traj.noise_level
         logps, kls = [], []
         for k in range(traj.x.shape[1]):
             x, x_next = traj.x[:, k].contiguous(), traj.x_next[:, k].contiguous()
             t_k, t_next = traj.timesteps[k], traj.next_timesteps[k]
-            v = _call(call, "guided_velocity", *policy_in, x, t_k, g)
-            logp, mean, std = sde_log_prob(x, v, t_k, t_next, x_next, a)
+            prediction = policy_call("image_prediction", policy_inputs, x, t_k)
+            logp, mean, std = sampler.log_prob(prediction, x, t_k, t_next, x_next, a)
             logps.append(logp)
-            if ref_in is not None:
-                with torch.no_grad(), t.reference_context() as ref_model:
-                    v_ref = _call(ref_model, "guided_velocity", *ref_in, x, t_k, g)
-                mean_ref, _ = sde_mean_std(x, v_ref, t_k, t_next, a)
-                kls.append(gaussian_step_kl(mean, mean_ref, std))
+            if ref_inputs is not None:
+                with torch.no_grad(), reference() as ref_model:
+                    ref_prediction = ref_model("image_prediction", ref_inputs, x, t_k)
+                mean_ref, _ = sampler.transition(ref_prediction, x, t_k, t_next, a)
+                kls.append(gaussian_step_kl(mean, mean_ref, std, convention=lc.image_kl_convention,
+                                            dt=t_next - t_k))
         logp = torch.stack(logps, 1)
         total = zero
         metrics: dict[str, Any] = {}
@@ -327,21 +365,15 @@ class ImagePolicy:
             metrics["kl/image"] = kl.detach()
         return total, metrics
 
-    def _reference_inputs(self, rollout, idx: list[int]):
-        """The reference's guided inputs of the chains ``idx``: the reference VLM's condition through the
-        connector with every adapter disabled."""
-        t = self.trainer
-        if rollout.ref_condition is None:
-            raise ValueError("loss.image_regularizer=gaussian_kl needs the reference condition from the rollout")
-        with torch.no_grad(), t.reference_context() as ref_model:
-            embeds, mask, neg, neg_mask = self.connected(ref_model, rollout.ref_condition,
-                                                         rollout.ref_condition_mask, idx)
-        return guided_batch(embeds, mask, neg, neg_mask)
-
-
-def _call(call, method: str, *args, **kwargs):
-    """``engine("method", ...)`` / ``model("method", ...)`` (module calls, so ZeRO-3 fetches parameters); a
-    plain model's method directly otherwise."""
-    if isinstance(call, torch.nn.Module):
-        return call(method, *args, **kwargs)
-    return getattr(call, method)(*args, **kwargs)
+    def _inputs(self, call, condition: Condition, idx: list[int], negative_from: UnifiedModel,
+                straight_through: Condition | None = None):
+        """The generator's inputs of the chains ``idx`` x M images, exactly as sampled: the rows' recorded
+        condition (trimmed to their own padding; with ``straight_through``'s gradient path when given), each
+        repeated M times, the negative batched in when guided."""
+        cond = condition.select(idx)
+        if straight_through is not None:
+            cond = cond.with_gradient_of(straight_through)
+        cond = cond.repeat_interleave(self.M)
+        guided = self.sampling.guidance_scale != 1.0
+        negative = negative_from.negative_condition(cond.num_rows) if guided else None
+        return call("image_inputs", cond, negative, guidance_scale=self.sampling.guidance_scale, exact=True)

@@ -28,10 +28,21 @@ This is Flow-GRPO's ``sde_step_with_logprob`` term by term after ``s = 1 - t``, 
 ``mean`` above. ``a = 0`` is exactly the Euler step (``mean = x + dt * v``, ``std = 0``).
 
 Log-probs: ``log N(x_next; mean, std^2)`` per element, then the MEAN over all non-batch dimensions (as Flow-GRPO
-does, so their clip ranges and KL coefficients carry over and the value does not grow with the image size; the
-true log-density of the step is this mean times the number of latent elements ``D``). :func:`gaussian_step_kl`
-reduces the same way. Everything here computes in float32 whatever the input dtype. Where ``std == 0``
-(``noise_level == 0``) a density does not exist: log-probs are returned as zeros.
+does, so their ratio clip ranges carry over and the value does not grow with the image size; the true
+log-density of the step is this mean times the number of latent elements ``D``). Everything here computes in
+float32 whatever the input dtype. Where ``std == 0`` (``noise_level == 0``) a density does not exist: log-probs
+are returned as zeros.
+
+KL to a reference: both velocities' steps share ``std``, so the KL of one step is, per element::
+
+    exact      KL(N(mean, std^2) || N(mean_ref, std^2)) = |mean - mean_ref|^2 / (2 std^2)
+    flow_grpo  |mean - mean_ref|^2 / (2 std_dev_t^2),  std_dev_t = std / sqrt(dt) = a sqrt((1 - t) / t~)
+
+reduced like the log-probs (:func:`gaussian_step_kl`). Flow-GRPO's ``kl_loss`` (``scripts/train_sd3.py``) divides
+by the ``std_dev_t`` that ``sde_step_with_logprob`` returns, which lacks the step's ``sqrt(dt)``: their value is
+the exact KL times ``dt`` (1/S of it per step on a uniform S-step grid). Their KL coefficients (``beta`` 0.04 or
+0.01) therefore do NOT carry over to the exact KL: the same number regularises ``1 / dt`` times harder there.
+Use ``convention="flow_grpo"`` to reuse their coefficients.
 """
 
 from __future__ import annotations
@@ -155,13 +166,35 @@ def sde_log_prob(
     return gaussian_log_prob(x_next, mean, std), mean, std
 
 
-def gaussian_step_kl(mean_policy: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``KL(N(mean_policy, std^2) || N(mean_ref, std^2))`` per element ``= (mean_policy - mean_ref)^2 / (2 std^2)``,
-    MEAN over the non-batch dimensions like the log-probs: (N,) float32. Exactly 0 for equal means. Both steps
-    share ``std`` (it depends on the times and noise level only), so the KL of one SDE step is the scaled
-    squared distance of the two velocities' means (Flow-GRPO's KL). ``std`` must be > 0."""
+def gaussian_step_kl(
+    mean_policy: torch.Tensor,
+    mean_ref: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    convention: str = "exact",
+    dt: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """KL of one SDE step between the policy's and the reference's Gaussians, MEAN over the non-batch dimensions
+    like the log-probs: (N,) float32, exactly 0 for equal means. Both steps share ``std`` (it depends on the times
+    and noise level only), so it is the scaled squared distance of the two means (module docstring).
+
+    Args:
+        mean_policy, mean_ref: (N, ...) the two steps' means (:func:`sde_mean_std` / :func:`sde_log_prob`).
+        std: the steps' std as returned with them (``sqrt(dt)`` included), broadcastable, > 0.
+        convention: ``"exact"``: ``|mean_policy - mean_ref|^2 / (2 std^2)``, the true KL of the step.
+            ``"flow_grpo"``: Flow-GRPO's ``kl_loss``, whose std lacks ``sqrt(dt)``: ``exact * dt``.
+        dt: ``t_next - t`` (float, 0-dim or (N,)), required by ``"flow_grpo"`` only.
+    """
     diff = mean_policy.float() - mean_ref.float()
-    return _reduce(diff**2 / (2 * std.float() ** 2))
+    per_element = diff**2 / (2 * std.float() ** 2)
+    if convention == "exact":
+        return _reduce(per_element)
+    if convention == "flow_grpo":
+        if dt is None:
+            raise ValueError("gaussian_step_kl(convention='flow_grpo') needs dt = t_next - t: Flow-GRPO's KL is the "
+                             "exact one times dt")
+        return _reduce(per_element * _column(dt, diff))
+    raise ValueError(f"unknown KL convention {convention!r}; valid: 'exact', 'flow_grpo'")
 
 
 def draw_noise(shape: Sequence[int], generator: Generators, device: torch.device | str) -> torch.Tensor:

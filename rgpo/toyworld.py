@@ -274,8 +274,7 @@ def evaluate(
     import torch
 
     from rewards.format import format_reward
-    from rgpo.models.base import ImageSamplingConfig
-    from rgpo.trainer import draw_images
+    from rgpo.models import ImageSamplingConfig
 
     icfg = ImageSamplingConfig(height=image_size, width=image_size, steps=image_steps, guidance_scale=1.0,
                                seed=seed, shared_noise=False)
@@ -292,12 +291,12 @@ def evaluate(
             fwd = model.forward_text(repeated, completions, with_condition=True)
             icfg.seed = seed + start
             noise = model.initial_noise(len(completions.texts), 1, icfg)
-            images = draw_images(model, fwd.condition, fwd.condition_mask, noise, icfg)
+            images = model.draw(fwd.condition, noise, icfg)
             owners = [p for p in chunk for _ in range(samples_per_prompt)]
             texts = completions.texts
-            consistency = clip_reward([p.prompt for p in owners], texts, images,
-                                      gt_prompt=[p.gt_prompt for p in owners])
-            formats = format_reward([p.prompt for p in owners], texts)
+            consistency = clip_reward(prompts=[p.prompt for p in owners], completions=texts,
+                                      images=[[image] for image in images], gt_prompt=[p.gt_prompt for p in owners])
+            formats = format_reward(prompts=[p.prompt for p in owners], completions=texts)
             for p, text, image, score, ok in zip(owners, texts, images, consistency, formats):
                 samples.append({"prompt": p.prompt, "gt_prompt": p.gt_prompt, "completion": text, "image": image,
                                 "format": ok, "correct": grade(text, p.colour, p.shape), "clip": float(score)})

@@ -165,3 +165,18 @@ def contact_sheet(images: list[Image.Image], captions: list[str], columns: int =
         for j, line in enumerate(lines):
             draw.text((x + 2, y + cell_h + 2 + j * line_h), line, fill="black")
     return sheet
+
+
+def side_by_side(images: list[Image.Image]) -> Image.Image | None:
+    """A chain's images in one row, left to right, for one table cell (None when the chain has none)."""
+    if not images:
+        return None
+    if len(images) == 1:
+        return images[0]
+    height = max(im.height for im in images)
+    sheet = Image.new("RGB", (sum(im.width for im in images), height), "white")
+    x = 0
+    for im in images:
+        sheet.paste(im.convert("RGB"), (x, 0))
+        x += im.width
+    return sheet

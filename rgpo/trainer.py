@@ -1,47 +1,57 @@
 """The RGPO trainer: rollout -> rewards -> advantages -> update, under DeepSpeed ZeRO-0/1/2/3.
 
-Launch with ``deepspeed --num_gpus N scripts/train.py --config ...``, ``torchrun``, or ``rgpo train --config ...``
+Launch with ``deepspeed --num_gpus N -m rgpo train --config ...``, ``torchrun``, or ``rgpo train --config ...``
 in one process. Each step:
 
-1. rollout: G reasoning chains per prompt from the policy, one image per chain through connector + decoder
-   (shared initial noise per group as MindOmni), and, under no-grad, the policy's and reference's log-probs
-   and condition states from one forward each;
+1. rollout: G reasoning chains per prompt from the policy, the image(s) each chain draws (the family's sampler,
+   shared initial noise per group as MindOmni), and, under no-grad, the policy's and reference's log-probs and
+   conditions from one forward each;
 2. rewards: every reward function on the rank's chains, then gathered across ranks BEFORE normalising,
    because a group may span ranks;
-3. advantages: group-relative (``rgpo.losses.group_advantages``);
-4. update: micro-batches of clipped policy-gradient loss + beta * text KL + image-KL coefficient * image
-   regulariser (MindOmni's decoder-feature KL by default), accumulated by DeepSpeed into one optimizer step.
+3. advantages: group-relative (``rgpo.advantages``);
+4. update: micro-batches of clipped policy-gradient loss + beta * text KL + the image terms
+   (``rgpo.image_policy``), accumulated by DeepSpeed into one optimizer step.
+
+The model is reached only through the family interface (``rgpo.models.UnifiedModel``): the trainer never names
+a family or one of its parts.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import random
 import signal
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 import rewards as reward_lib
 from rgpo import checkpointing as ckpt
 from rgpo import distributed as dist_utils
-from rgpo.config import RewardsConfig, RGPOConfig, save_config, to_dict
+from rgpo.advantages import dapo_token_normalizer, global_advantages
+from rgpo.building import (
+    apply_trainable,
+    build_model,
+    check_family_config,
+    float32_weights,
+    model_family,
+    restore_float32_weights,
+    trainable_parameters,
+)
+from rgpo.config import RGPOConfig, save_config, to_dict
 from rgpo.data import PromptRow, PromptSampler, check_columns, load_prompts
 from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
-from rgpo.image_policy import ImagePolicy, image_policy_active
-from rgpo.losses import feature_kl, group_advantages, masked_mean, policy_loss, velocity_mse
-from rgpo.models.base import Completions, ImageSamplingConfig, PromptBatch, UnifiedModel
+from rgpo.image_policy import ImagePolicy, ImageRollout
+from rgpo.losses import masked_mean, policy_loss
+from rgpo.models import Completions, Condition, PromptBatch, UnifiedModel, in_memory
 from rgpo.modes import TrainModeSwitch
-from rgpo.tracking import MetricsHistory, NullLogger, PhaseTimer, WandbLogger
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IMAGE_KL_GRID = 51  # MindOmni draws the image-KL timestep uniformly from linspace(0, 1, 51)
+from rgpo.scoring import score_samples
+from rgpo.seeding import mix_seed, rng_state, seed_everything, set_rng_state
+from rgpo.tracking import MetricsHistory, NullLogger, PhaseTimer, WandbLogger, side_by_side
 
 
 class NonFiniteError(RuntimeError):
@@ -57,173 +67,16 @@ class Rollout:
     completions: Completions
     old_logps: torch.Tensor | None  # (n, T) sampling policy's log-probs (only when num_iterations > 1 or images)
     ref_logps: torch.Tensor | None  # (n, T)
-    ref_condition: torch.Tensor | None  # (n, L, H) reference condition states (image KL)
-    ref_condition_mask: torch.Tensor | None
-    images: list  # PIL images or None (text-only); with M images per chain, each chain's first
+    ref_condition: Condition | None  # the reference's conditions (image regularisers)
+    images: list[list]  # each chain's images (empty lists without images)
     global_indices: list[int]
-    image_rollout: Any = None  # rgpo.image_policy.ImageRollout: N x M images, SDE trajectories, image advantages
-
-
-# ================================================================================================ advantages
-def global_advantages(per_reward: torch.Tensor, weights: list[float], global_indices: list[int], group_size: int,
-                      scale: str = "group", eps: float = 1e-4):
-    """Advantages of this rank's chains, normalised over whole groups even when a group spans ranks.
-
-    Args:
-        per_reward: (n, R) this rank's rewards, NaN where a reward does not apply.
-        global_indices: each local chain's index in the step's global batch (groups are contiguous there).
-    Returns:
-        ``(local_advantages (n,), all_rewards (N, R), totals (N,))``: every rank's rewards are gathered
-        before the group statistics, so the result does not depend on how chains are placed on ranks.
-    """
-    all_rewards = dist_utils.all_gather_cat(per_reward)
-    order = dist_utils.all_gather_cat(torch.tensor(global_indices, device=per_reward.device))
-    ordered = torch.empty_like(all_rewards)
-    ordered[order] = all_rewards  # rank order -> global order (identical for the contiguous layout)
-    weight = torch.tensor(weights, device=per_reward.device, dtype=per_reward.dtype)
-    # A reward that does not apply (NaN) counts as 0 in the total; its own mean ignores it.
-    totals = torch.nansum(ordered * weight, dim=1)
-    advantages = group_advantages(totals, group_size, scale, eps)
-    local = advantages[torch.tensor(global_indices, device=per_reward.device)]
-    return local, ordered, totals
-
-
-def dapo_token_normalizer(completion_mask: torch.Tensor, micro_batches: int) -> torch.Tensor:
-    """The "dapo" divisor of a micro-batch's summed token loss: the completion tokens of the whole batch (every
-    rank's ``completion_mask`` summed) over the micro-batch losses that DeepSpeed averages (ranks x the
-    ``micro_batches`` of each rank), so the update is the global token mean however the chains are spread.
-    Collective: every rank calls it."""
-    tokens = dist_utils.all_gather_cat(completion_mask.sum().float()[None]).sum()
-    return tokens.clamp(min=1.0) / (dist_utils.world_size() * micro_batches)
-
-
-# ================================================================================================ images
-def draw_images(model: UnifiedModel, condition: torch.Tensor, condition_mask: torch.Tensor, noise: torch.Tensor,
-                icfg: ImageSamplingConfig, negative_from: UnifiedModel | None = None) -> list:
-    """One image per row: connector, guided Euler sampling from ``noise`` against the fixed negative prompt
-    (skipped at guidance 1), VAE decode. The negative prompt's states come from ``negative_from`` (the trainer's
-    :attr:`RGPOTrainer.negative_source`), else from ``model`` (which computes them with its adapter disabled)."""
-    cond = model.connect(condition, condition_mask)
-    neg, neg_mask = None, None
-    if icfg.guidance_scale != 1.0:
-        source = negative_from if negative_from is not None else model
-        neg_states, neg_mask = source.negative_condition(condition.shape[0])
-        neg = model.connect(neg_states, neg_mask)
-    latents = model.sample_latents(cond, condition_mask, neg, neg_mask, noise, icfg)
-    return model.decode_latents(latents)
-
-
-def score_samples(rewards: list, rows: list[PromptRow], texts: list[str], images: list, cfg: RewardsConfig,
-                  device: torch.device) -> torch.Tensor:
-    """(n, R) every reward's raw value per sample (NaN where one does not apply), on ``device``; the rows' data
-    columns are passed to the rewards as keywords."""
-    columns: dict[str, list] = {}
-    for key in set().union(*(row.columns for row in rows)):
-        columns[key] = [row.columns.get(key) for row in rows]
-    _, per_reward = reward_lib.combine(rewards, [r.weight for r in rewards], [row.prompt for row in rows], texts,
-                                       images, columns, timeout=cfg.timeout_s, parallel=cfg.parallel)
-    return per_reward.to(device, torch.float32)
-
-
-# ================================================================================================ model set-up
-def build_model(cfg: RGPOConfig, device: torch.device | str | None = None) -> UnifiedModel:
-    """The unified model named by ``cfg.model``: a checkpoint folder, ``tiny`` (a tiny random model built in
-    memory) or ``random:<shape>`` (random weights in a named shape, e.g. ``random:mindomni-7b``, built directly
-    on ``device``)."""
-    from rgpo.models import get_model_class
-
-    dtype = DTYPES[cfg.model.dtype]
-    path = cfg.model.path
-    if not _is_checkpoint_path(path):
-        if cfg.model.family != "mindomni":
-            raise ValueError(f"model.path={path!r}: random models exist for family 'mindomni' only, not "
-                             f"{cfg.model.family!r}")
-        from rgpo.models.tiny import build_random_mindomni, build_tiny_mindomni
-
-        if path in (None, "", "tiny"):
-            return build_tiny_mindomni(seed=cfg.seed, dtype=dtype)
-        try:
-            return build_random_mindomni(path.split(":", 1)[1], seed=cfg.seed, dtype=dtype, device=device)
-        except ValueError as e:
-            raise ValueError(f"model.path={path!r}: {e}") from None
-    cls = get_model_class(cfg.model.family)
-    return cls.from_pretrained(cfg.model.path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-
-
-def _is_checkpoint_path(path: str | None) -> bool:
-    """Whether ``model.path`` names a folder to load (not ``tiny`` or ``random:<shape>``, built in memory)."""
-    return path not in (None, "", "tiny") and not str(path).startswith("random:")
-
-
-def vlm_hidden_size(path: str | None) -> int | None:
-    """The VLM's hidden size, read without loading the model (it sizes ZeRO's communication buckets, as
-    transformers' DeepSpeed integration does); None when the folder does not say."""
-    if not _is_checkpoint_path(path):
-        from rgpo.models.tiny import RANDOM_SHAPES
-
-        shape = "tiny" if path in (None, "", "tiny") else str(path).split(":", 1)[1]
-        return RANDOM_SHAPES.get(shape, {}).get("vlm_hidden")
-    config_file = Path(path) / "mllm" / "config.json"
-    if not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text())
-    return (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
-
-
-def _float32_weights(model: UnifiedModel) -> dict[str, torch.Tensor]:
-    """CPU copies of the frozen float32 weights of ``model.float32_modules()`` (by full parameter name)."""
-    keep = {}
-    for prefix in model.float32_modules():
-        for name, param in model.get_submodule(prefix).named_parameters():
-            if param.dtype == torch.float32 and not param.requires_grad:
-                keep[f"{prefix}.{name}"] = param.detach().to("cpu", copy=True)
-    return keep
-
-
-def _restore_float32_weights(model: UnifiedModel, saved: dict[str, torch.Tensor]) -> None:
-    """Put back the exact float32 values DeepSpeed's mixed-precision cast rounded (frozen weights only: the
-    optimizer never sees them)."""
-    params = dict(model.named_parameters())
-    for name, value in saved.items():
-        param = params[name]
-        if param.dtype != torch.float32:
-            param.data = value.to(param.device)
-
-
-def apply_trainable(model: UnifiedModel, cfg: RGPOConfig) -> UnifiedModel:
-    """Freeze everything, then unfreeze what ``cfg.trainable`` names (LoRA via peft, or the full LM)."""
-    t = cfg.trainable
-    model.requires_grad_(False)
-    if t.mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                          target_modules=model.language_model_lora_targets(), bias="none")
-        model.vlm = get_peft_model(model.vlm, lora)
-    else:
-        for name, param in model.vlm.named_parameters():
-            if "visual" not in name:
-                param.requires_grad_(True)
-    if t.train_connector:
-        model.connector.requires_grad_(True)
-    if t.decoder_lora_r > 0:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        alpha = t.decoder_lora_alpha if t.decoder_lora_alpha is not None else 2 * t.decoder_lora_r
-        dec_lora = LoraConfig(r=t.decoder_lora_r, lora_alpha=alpha, lora_dropout=0.0,
-                              target_modules=list(t.decoder_lora_targets))
-        model.decoder = inject_adapter_in_model(dec_lora, model.decoder)
-    if cfg.model.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
-        model.set_gradient_checkpointing(True)
-    return model
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    image_rollout: ImageRollout | None = None  # N x M images, SDE trajectories, image advantages
 
 
 def lr_lambda(cfg: RGPOConfig):
     """Learning-rate multiplier per optimizer step: linear warm-up, then linear / cosine decay or constant."""
+    import math
+
     total = cfg.optim.max_steps * cfg.loss.num_iterations
     warmup = cfg.optim.warmup_steps
 
@@ -251,7 +104,11 @@ class RGPOTrainer:
         self.device = torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         self.out = Path(cfg.logging.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
+        # What only the model's family can say about the config (its parts, regularisers, options), before any
+        # model is built.
+        family = model_family(cfg)
+        check_family_config(cfg, family)
 
         # Data and rewards are checked before the model is loaded: bad input fails in seconds, not minutes.
         self.train_rows = load_prompts(cfg.data.train_file)
@@ -269,7 +126,7 @@ class RGPOTrainer:
         # An unusable checkpoint is reported now, before minutes of model loading.
         resume_from, resume_state = self._find_resume()
 
-        ds_config = build_deepspeed_config(cfg, self.world, zero_hidden_size=vlm_hidden_size(cfg.model.path))
+        ds_config = build_deepspeed_config(cfg, self.world, zero_hidden_size=family.language_hidden_size(cfg.model.path))
         self.zero_stage = zero_stage(ds_config)
         self.zero3 = self.zero_stage == 3
         if resume_state is not None:
@@ -285,23 +142,25 @@ class RGPOTrainer:
         if not params:
             raise ValueError("nothing to train: every parameter is frozen (check the trainable section)")
         # ZeRO-3 partitions every parameter in the run's dtype: nothing to keep there (nor in float32 runs)
-        float32 = _float32_weights(model) if not self.zero3 and cfg.model.dtype != "float32" else {}
+        float32 = float32_weights(model) if not self.zero3 and cfg.model.dtype != "float32" else {}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-        _restore_float32_weights(model, float32)  # bf16/fp16 runs: DeepSpeed cast them with the rest
+        restore_float32_weights(model, float32)  # bf16/fp16 runs: DeepSpeed cast them with the rest
         ckpt.use_weights_only_loading(self.engine)  # resume reads engine files with weights_only=True
         self.model: UnifiedModel = self.engine.module
-        if cfg.trainable.mode == "lora" and cfg.trainable.train_connector:
-            # The connector trains in full beside the LoRA and has no adapter to switch off: the reference keeps a
-            # copy of it as built (taken before any resume loads trained weights into it).
-            self.model.keep_reference_connector(self._whole_parameters)
+        if cfg.trainable.mode == "lora" and cfg.trainable.full_parts:
+            # Parts trained in full beside the LoRA have no adapter to switch off: the reference keeps copies of them
+            # as built (taken before any resume loads trained weights into them).
+            self.model.keep_reference_copies(cfg.trainable.full_parts, self._whole_parameters)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
-        self.image_cfg = ImageSamplingConfig(**{k: getattr(cfg.rollout.image, k) for k in (
-            "height", "width", "steps", "guidance_scale", "seed", "shared_noise")})
-        self.image_policy = ImagePolicy(self) if image_policy_active(cfg) else None  # N x M images, image PG
+        # The whole image side: drawing (one deterministic image per chain is its degenerate case), scoring,
+        # the regulariser and the image policy gradient.
+        self.image_policy = ImagePolicy(cfg, self.device) if cfg.rollout.image.enabled else None
+        # The step's phase timer: a hook for benchmarks (a PhaseTimer subclass that also records memory, say).
+        self.timer_factory: Callable[..., PhaseTimer] = PhaseTimer
         # train()/eval() without walking the module tree each time (the tree is final from here on)
         self.set_training = TrainModeSwitch(self.model)
         self._stop_requested = False
@@ -318,7 +177,7 @@ class RGPOTrainer:
         from transformers.integrations import HfDeepSpeedConfig
 
         self._hf_ds = HfDeepSpeedConfig(ds_config)  # kept alive: transformers checks it while building
-        if not _is_checkpoint_path(cfg.model.path):  # built in memory: every parameter born partitioned
+        if in_memory(cfg.model.path):  # built in memory: every parameter born partitioned
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 return build_model(cfg)
         # A checkpoint folder: transformers loads the VLM straight into ZeRO-3 shards (it sees HfDeepSpeedConfig);
@@ -396,7 +255,7 @@ class RGPOTrainer:
 
     # ------------------------------------------------------------------------------------------- the step
     def train_step(self) -> dict[str, float]:
-        timer = PhaseTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
+        timer = self.timer_factory(torch.cuda.synchronize if self.device.type == "cuda" else None)
         slots = self.sampler.next_step()
         with timer("rollout"):
             rollout = self.rollout(slots, timer)
@@ -425,6 +284,7 @@ class RGPOTrainer:
         cfg, model = self.cfg, self.model
         self.set_training(False)
         rows = [self.train_rows[s.prompt_index] for s in slots]
+        images_on = self.image_policy is not None
         with self.gathered():
             with timer("rollout/text"):
                 prompts, completions = self._sample_chains(rows, [s.group for s in slots])
@@ -432,32 +292,28 @@ class RGPOTrainer:
                 # The policy's no-grad forward gives the images' condition and, for num_iterations > 1, the
                 # sampling policy's log-probs; with neither needed (text only, one update) it is skipped.
                 policy = None
-                if cfg.rollout.image.enabled or cfg.loss.num_iterations > 1:
-                    policy = model.forward_text(prompts, completions, with_condition=cfg.rollout.image.enabled)
-                need_ref_condition = cfg.rollout.image.enabled and cfg.loss.image_regularizer != "none" \
-                    and cfg.loss.image_kl_coef > 0
-                ref_logps = ref_cond = ref_mask = None
+                if images_on or cfg.loss.num_iterations > 1:
+                    policy = model.forward_text(prompts, completions, with_condition=images_on)
+                need_ref_condition = images_on and self.image_policy.needs_reference_condition
+                ref = None
                 if cfg.loss.beta > 0 or need_ref_condition:
-                    with self.reference_context() as ref_model:
+                    with timer("rollout/reference"), self.reference_context() as ref_model:
                         ref = ref_model.forward_text(prompts, completions, with_condition=need_ref_condition)
-                    ref_logps, ref_cond, ref_mask = ref.logps, ref.condition, ref.condition_mask
-            images, image_rollout = [None] * len(rows), None
-            if cfg.rollout.image.enabled:
+            images, image_rollout = [[] for _ in rows], None
+            if images_on:
                 with timer("rollout/images"):
-                    if self.image_policy is not None:  # N chains x M images / SDE sampling (rgpo.image_policy)
-                        images, image_rollout = self.image_policy.draw(policy.condition, policy.condition_mask, slots)
-                    else:
-                        images = self._draw(policy.condition, policy.condition_mask,
-                                            [s.global_index for s in slots], [s.group for s in slots])
+                    images, image_rollout = self.image_policy.draw(model, policy.condition, slots, self.step,
+                                                                   self.negative_source)
         return Rollout(rows, prompts, completions, policy.logps if policy is not None else None,
-                       ref_logps if cfg.loss.beta > 0 else None,
-                       ref_cond, ref_mask, images, [s.global_index for s in slots], image_rollout)
+                       ref.logps if ref is not None and cfg.loss.beta > 0 else None,
+                       ref.condition if ref is not None else None, images, [s.global_index for s in slots],
+                       image_rollout)
 
     def _sample_chains(self, rows: list[PromptRow], groups: list[int]) -> tuple[PromptBatch, Completions]:
         """Sample one chain per slot. When every group on this rank is whole (the usual layout), each prompt
         is encoded once and asked for its k chains at once, so the model can share the prompt's prefill."""
         cfg = self.cfg.rollout
-        gen = torch.Generator().manual_seed(_mix(self.cfg.data.seed, self.step, self.rank))
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.data.seed, self.step, self.rank))
         counts = [groups.count(g) for g in dict.fromkeys(groups)]
         kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                       top_k=cfg.top_k, generator=gen)
@@ -471,34 +327,11 @@ class RGPOTrainer:
             completions = self.model.generate(prompts, num_generations=1, **kwargs)
         return prompts, completions.to(self.device)
 
-    def _draw(self, condition, condition_mask, global_indices: list[int], groups: list[int]):
-        """One image per chain. The initial noise depends only on the seed and (per-sample mode) on the chain's
-        global index, so a group spread over ranks still shares it."""
-        noise = self._initial_noise(global_indices, groups)
-        return draw_images(self.model, condition, condition_mask, noise, self.image_cfg, self.negative_source)
-
-    def _initial_noise(self, global_indices: list[int], groups: list[int], image: int = 0) -> torch.Tensor:
-        """(n, C, h, w) initial latents of each chain's image number ``image`` (> 0: rgpo.image_policy's extra
-        images, each with seeds of its own)."""
-        icfg = self.image_cfg
-        shape = self.model.latent_shape(icfg.height, icfg.width)  # the VAE's own factor (8 real, 4 toy world)
-        extra = (image,) if image else ()
-        if icfg.shared_noise:
-            # MindOmni: the same seed for every rollout, so in-group reward differences come only from the text.
-            seed = _mix(icfg.seed, image) if image else icfg.seed
-            base = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-            noise = base.expand(len(global_indices), *shape).clone()
-        else:
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-                _mix(icfg.seed, self.step, i, *extra))) for i in global_indices])
-        return noise.to(self.device, dtype=self._decoder_dtype())
-
-    def _decoder_dtype(self) -> torch.dtype:
-        return next(self.model.decoder.parameters()).dtype
-
     def score(self, rollout: Rollout) -> torch.Tensor:
-        if rollout.image_rollout is not None:  # every image scored; a chain's reward is its images' mean
-            return self.image_policy.score(rollout)
+        """(n, R) this rank's rewards per chain (with images: as the image policy scores them)."""
+        if rollout.image_rollout is not None:
+            return self.image_policy.score(self.rewards, rollout.rows, rollout.completions.texts,
+                                           rollout.image_rollout, rollout.global_indices)
         return score_samples(self.rewards, rollout.rows, rollout.completions.texts, rollout.images,
                              self.cfg.rewards, self.device)
 
@@ -535,14 +368,14 @@ class RGPOTrainer:
 
     def micro_batch_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: list[int],
                          token_normalizer: torch.Tensor | None = None):
-        """Text policy loss + beta * text KL + image-KL coefficient * image regulariser, for chains ``idx``."""
+        """Text policy loss + beta * text KL + the image terms (regulariser, image policy gradient), for chains
+        ``idx``."""
         cfg, lc = self.cfg, self.cfg.loss
         prompts, completions = rollout.prompts.select(idx), rollout.completions.select(idx)
         index = torch.tensor(idx, device=self.device)
-        image_term = cfg.rollout.image.enabled and lc.image_regularizer not in ("none", "gaussian_kl") \
-            and lc.image_kl_coef > 0  # gaussian_kl: rgpo.image_policy, on the recorded SDE steps
-        need_condition = image_term or (self.image_policy is not None and self.image_policy.needs_condition)
-        out = self.engine("forward_text", prompts, completions, with_condition=need_condition)
+        images = self.image_policy
+        out = self.engine("forward_text", prompts, completions,
+                          with_condition=images is not None and images.needs_condition)
         ref_logps = rollout.ref_logps[index] if rollout.ref_logps is not None else None
         # One update per batch: old = current (detached), so the ratio is exactly 1 (MindOmni, GRPO).
         old = out.logps.detach() if lc.num_iterations == 1 else rollout.old_logps[index]
@@ -554,45 +387,19 @@ class RGPOTrainer:
         metrics = {f"loss/{k}" if k == "pg_loss" else k: v for k, v in metrics.items()}
         if out.entropy is not None:  # mean next-token entropy over the completions (TRL's `entropy`)
             metrics["entropy"] = masked_mean(out.entropy, completions.completion_mask)
-        if image_term:
-            ref_cond, ref_mask = trim_left_padding(rollout.ref_condition[index], rollout.ref_condition_mask[index])
-            image_reg = self.image_regularizer(out.condition, out.condition_mask, ref_cond, ref_mask, idx)
+        if images is not None and images.feature_term:  # MindOmni's D_IKL / the velocity MSE
+            image_reg = images.regularizer(self.engine, self.reference_context, self.model, out.condition,
+                                           rollout.ref_condition.select(idx),
+                                           seed=mix_seed(cfg.seed, self.step, self.rank, idx[0]))
             loss = loss + lc.image_kl_coef * image_reg
             metrics["kl/image"] = image_reg.detach()
-        if self.image_policy is not None:  # image policy gradient and/or gaussian_kl (rgpo.image_policy)
-            image_loss, image_metrics = self.image_policy.loss(rollout, idx, out)
+        if images is not None and images.recompute:  # image policy gradient and/or gaussian_kl
+            image_loss, image_metrics = images.loss(rollout, idx, out, self.engine, self.reference_context,
+                                                    self.model, self.negative_source)
             loss = loss + image_loss
             metrics.update(image_metrics)
         metrics["loss/total"] = loss.detach()
         return loss, metrics
-
-    def image_regularizer(self, cond, cond_mask, ref_cond, ref_mask, idx: list[int]) -> torch.Tensor:
-        """MindOmni's D_IKL (or the velocity MSE): the frozen connector + decoder run on the policy's condition
-        (with grad, which flows back into the VLM) and on the reference's (no grad), from fresh pure noise at a
-        timestep drawn from the 51-point grid."""
-        lc = self.cfg.loss
-        K = lc.image_kl_timesteps
-        gen = torch.Generator().manual_seed(_mix(self.cfg.seed, self.step, self.rank, idx[0]))
-        n = cond.shape[0]
-        icfg = self.image_cfg
-        shape = self.model.latent_shape(icfg.height, icfg.width)
-        noise = torch.randn((n * K, *shape), generator=gen).to(self.device, self._decoder_dtype())
-        t = torch.randint(0, IMAGE_KL_GRID, (n * K,), generator=gen).float().div(IMAGE_KL_GRID - 1).to(self.device)
-        want_features = lc.image_regularizer == "feature_kl"
-
-        def run(model_call, c, m):
-            c, m = c.repeat_interleave(K, 0), m.repeat_interleave(K, 0)
-            embeds = model_call("connect", c, m)
-            return model_call("decode_step", embeds, m, noise, t, return_features=want_features)
-
-        policy_out = run(self.engine, cond, cond_mask)
-        with torch.no_grad(), self.reference_context() as ref_model:
-            ref_out = run(ref_model, ref_cond, ref_mask)
-        if want_features:
-            per_sample = feature_kl(policy_out.features, ref_out.features, tau=lc.image_kl_tau)
-        else:
-            per_sample = velocity_mse(policy_out.velocity, ref_out.velocity)
-        return per_sample.mean()
 
     def _count_skipped_step(self) -> None:
         """DeepSpeed dropped this step (NaN/inf gradient norm): count it, and stop after too many in a row."""
@@ -632,7 +439,7 @@ class RGPOTrainer:
     def _log_table(self, rollout: Rollout, per_reward: torch.Tensor, advantages: torch.Tensor) -> None:
         rows = []
         for i, row in enumerate(rollout.rows):
-            rows.append([self.step, row.prompt, rollout.completions.texts[i], rollout.images[i],
+            rows.append([self.step, row.prompt, rollout.completions.texts[i], side_by_side(rollout.images[i]),
                          *[float(v) for v in per_reward[i].tolist()], float(advantages[i])])
         everything = [r for part in dist_utils.all_gather_objects(rows) for r in part]
         columns = ["step", "prompt", "reasoning", "image", *[r.name for r in self.rewards], "advantage"]
@@ -687,22 +494,21 @@ class RGPOTrainer:
         self.set_training(False)
         with self.gathered():
             prompts = self.model.build_prompts([r.as_model_row() for r in work]).to(self.device)
-            gen = torch.Generator().manual_seed(_mix(self.cfg.data.seed, 10**6, self.rank))
+            gen = torch.Generator().manual_seed(mix_seed(self.cfg.data.seed, 10**6, self.rank))
             completions = self.model.generate(
                 prompts, num_generations=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
                 temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
                 top_k=self.cfg.rollout.top_k, generator=gen).to(self.device)
-            images, logps = [None] * len(work), None
-            if self.cfg.rollout.image.enabled:
+            images: list[list] = [[] for _ in work]
+            if self.image_policy is not None:  # always the deterministic sampler, one image per chain
                 policy = self.model.forward_text(prompts, completions, with_condition=True)
-                logps = policy.logps
-                images = self._draw(policy.condition, policy.condition_mask, list(range(len(work))),
-                                    list(range(len(work))))
-        fake = Rollout(work, prompts, completions, logps, None, None, None, images, list(range(len(work))))
-        per_reward = self.score(fake)
+                indices = list(range(len(work)))
+                images = self.image_policy.draw_deterministic(self.model, policy.condition, indices, indices,
+                                                              self.step, self.negative_source)
+        per_reward = score_samples(self.rewards, work, completions.texts, images, self.cfg.rewards, self.device)
         kept = per_reward.tolist() if mine else []
-        shown = [(im, f"{row.prompt} | {text}") for row, text, im in zip(mine, completions.texts, images)
-                 if im is not None]
+        shown = [(side_by_side(ims), f"{row.prompt} | {text}") for row, text, ims in zip(mine, completions.texts, images)
+                 if ims]
         # Every prompt weighs the same, however many each rank held.
         everything = torch.tensor([r for part in dist_utils.all_gather_objects(kept) for r in part],
                                   dtype=torch.float32).view(-1, len(self.rewards))
@@ -724,7 +530,7 @@ class RGPOTrainer:
             tmp.mkdir(parents=True)
         dist_utils.barrier()
         self.engine.save_checkpoint(str(tmp), tag="engine", save_latest=False, exclude_frozen_parameters=True)
-        torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         self._save_trainable(tmp)
         if self.local_rank == 0:  # each node flushes what its ranks wrote before rank 0 publishes the folder
             ckpt.fsync_tree(tmp)
@@ -734,7 +540,8 @@ class RGPOTrainer:
             state = {"step": self.step, "sampler": self.sampler.state_dict(), "wandb_run_id": self.logger.run_id,
                      "world_size": self.world, "family": self.model.family, "skipped_steps": self.skipped_steps,
                      "nonfinite_in_a_row": self.nonfinite_in_a_row, "zero_stage": self.zero_stage,
-                     "trainable_mode": cfg.trainable.mode, "config": to_dict(cfg)}
+                     "trainable_mode": cfg.trainable.mode, "cwd": os.getcwd(),
+                     "config": ckpt.absolute_paths(to_dict(cfg), os.getcwd())}
             ckpt.write_state(tmp, state)
             ckpt.publish(tmp, self.step, self.out, cfg.checkpoint.keep_last)
         dist_utils.barrier()
@@ -822,7 +629,7 @@ class RGPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(torch.load(rng_file, weights_only=True))
         else:  # e.g. more ranks than wrote the checkpoint: the run goes on, but does not repeat the original
             print(f"[rgpo] rank {self.rank}: {rng_file} is missing; this rank continues from fresh random state, so "
                   f"the resumed run will not repeat the interrupted one exactly", flush=True)
@@ -858,47 +665,6 @@ def _restore_zero3_hooks(offload) -> None:
     if coordinator is not None and not coordinator.is_invalid_trace():
         coordinator._invalidate_trace()  # the module order recorded so far no longer holds
     offload._register_deepspeed_module(offload.module)
-
-
-def _mix(*numbers: int) -> int:
-    """A deterministic 63-bit seed from several integers (step, rank, ...)."""
-    value = 0x9E3779B97F4A7C15
-    for n in numbers:
-        value = (value ^ (int(n) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & 0x7FFFFFFFFFFFFFFF
-    return value
-
-
-def trim_left_padding(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns of left padding that no row of this selection needs. Rows picked from a bigger batch
-    carry that batch's padding; trimming gives them the exact shapes (and so the exact numbers) of the same rows
-    packed on their own, which keeps policy == reference bit-exact when the adapter is zero."""
-    keep = int(mask.sum(1).max())
-    return states[:, states.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(_flatten_py_state(random.getstate()))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _flatten_py_state(state):
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _progress(start: int, total: int):

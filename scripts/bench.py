@@ -380,7 +380,8 @@ def run_sweep(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _build_rgpo(spec: dict[str, Any], cfg, timer_cls):
     """The RGPOTrainer of a case: EOS banned (equal work), reference uses timed as their own phase."""
-    from rgpo.trainer import RGPOTrainer, build_model
+    from rgpo.building import build_model
+    from rgpo.trainer import RGPOTrainer
 
     model = _without_lm_head_lora(build_model(cfg), spec) if spec.get("lora_without_lm_head") else None
     trainer = RGPOTrainer(cfg, model=model)
@@ -507,7 +508,7 @@ class BarePieces:
 
         from rgpo.data import load_prompts
         from rgpo.models.base import ImageSamplingConfig
-        from rgpo.trainer import apply_trainable, build_model
+        from rgpo.building import apply_trainable, build_model
 
         self.spec, self.cfg = spec, cfg
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -868,7 +869,7 @@ def save_tiny_vlm(cfg, path: Path) -> None:
 
     from rgpo.data import load_prompts
     from rgpo.models.mindomni import BANNED_TOKENS, EOS_TOKENS
-    from rgpo.models.tiny import build_tiny_mindomni
+    from rgpo.models.mindomni.tiny import build_tiny_mindomni
 
     tiny = build_tiny_mindomni(seed=cfg.seed, dtype=torch.float32)
     tiny.vlm.save_pretrained(path)
@@ -890,7 +891,7 @@ def _naive_generate(model, prompts, *, num_generations: int, max_new_tokens: int
     prefill, cache sharing and sampling as ``MindOmni.generate`` (temperature 1, no top-k / top-p)."""
     import torch
 
-    from rgpo.models.mindomni import _sample
+    from rgpo.models.mindomni.modeling import _sample
 
     hf = model.hf_vlm()
     rows = prompts.input_ids.shape[0] * num_generations
@@ -959,7 +960,7 @@ def _naive_guided_sampling(model, embeds, mask, neg, neg_mask, noise, icfg, cach
     import torch
 
     from rgpo.models.mindomni import euler_grid
-    from rgpo.models.omnigen import build_condition_cache, num_image_tokens
+    from rgpo.models.mindomni.omnigen import build_condition_cache, num_image_tokens
     from rgpo.sde import sample_flow
 
     with torch.no_grad():
@@ -1228,7 +1229,8 @@ def _zero2_flags_ablation(spec, tmp: Path, rounds, sync, row) -> None:
     import torch
 
     from rgpo.tracking import PhaseTimer
-    from rgpo.trainer import RGPOTrainer, trainable_parameters
+    from rgpo.building import trainable_parameters
+    from rgpo.trainer import RGPOTrainer
 
     raw = json.loads((REPO / "configs" / "zero2.json").read_text())
     raw["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness (scripts/bench.py): it runs, names the machine and writes every phase with
+"""Smoke test of the benchmarks (``python -m benchmarks``): it runs, names the machine and writes every phase with
 positive numbers, and every optimisation's on/off row. No speed target is asserted: timings depend on the machine
 and its load."""
 
@@ -18,7 +18,7 @@ def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--steps", "2", "--warmup", "1",
+        [sys.executable, "-m", "benchmarks", "--quick", "--steps", "2", "--warmup", "1",
          "--skip-trl", "--skip-scaling", "--ablation-rounds", "1", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,7 +68,7 @@ def test_bench_mindomni_7b_preset_wiring(tmp_path):
               "rollout.image.width=32", "rollout.image.steps=2", "rewards.functions=[format]",
               "model.gradient_checkpointing=false"]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--mindomni-7b", "--steps", "1", "--warmup", "0",
+        [sys.executable, "-m", "benchmarks", "--mindomni-7b", "--steps", "1", "--warmup", "0",
          "--skip-bare", "--threads", "1", *[a for kv in shrink for a in ("--set", kv)], "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

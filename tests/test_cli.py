@@ -43,9 +43,9 @@ def test_train_sample_export_round_trip(tmp_path):
         assert (exported / part).exists(), part
 
     # The exported model is the trained one: LoRA merged into the language model, everything else as built.
-    from rgpo.cli import load_trained
+    from rgpo.building import load_trained
     from rgpo.models.mindomni import MindOmni
-    from rgpo.models.tiny import build_tiny_mindomni
+    from rgpo.models.mindomni.tiny import build_tiny_mindomni
 
     trained, _ = load_trained(str(checkpoint))
     reloaded = MindOmni.from_pretrained(str(exported))

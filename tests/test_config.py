@@ -77,8 +77,17 @@ def test_impossible_combinations_explain_why():
         load_config(None, base).validate(world_size=3)
     with pytest.raises(ConfigError, match=r"optim\.micro_batch_size=3 .*32 / 1 ranks = 32"):
         load_config(None, base + ["optim.micro_batch_size=3"]).validate()
-    with pytest.raises(ConfigError, match=r"rollout\.image\.height=500 .*multiple of 16"):
-        load_config(None, base + ["rollout.image.height=500"]).validate()
+    from rgpo.building import check_family_config
+    from rgpo.models.mindomni import MindOmni
+
+    with pytest.raises(ConfigError, match=r"rollout\.image\.height=500 .*family 'mindomni'.*multiple of 16"):
+        check_family_config(load_config(None, base + ["rollout.image.height=500"]).validate(), MindOmni)
+    with pytest.raises(ConfigError, match=r"trainable\.full_parts names 'adapter'.*its parts: \['connector'"):
+        check_family_config(load_config(None, base + ["trainable.full_parts=[adapter]"]).validate(), MindOmni)
+    with pytest.raises(ConfigError, match=r"model\.options\.kv_cache.*valid keys here"):
+        check_family_config(load_config(None, base + ["model.options.kv_cache=false"]).validate(), MindOmni)
+    with pytest.raises(ConfigError, match=r"trainable\.decoder_lora_r .*was renamed: use trainable\.generator_lora_r"):
+        load_config(None, base + ["trainable.decoder_lora_r=4"])
     with pytest.raises(ConfigError, match=r"loss\.aggregation='mean' is not valid; choose one of"):
         load_config(None, base + ["loss.aggregation=mean"]).validate()
     with pytest.raises(ConfigError, match=r"num_generations=1 .*nothing to compare"):
@@ -134,7 +143,9 @@ def test_zero_buckets_are_sized_from_the_vlm_without_loading_it(tmp_path):
     """ZeRO-3's 'auto' bucket sizes follow the VLM's hidden size (12.8 M elements at MindOmni-7B's 3584, not the
     1024^2 fallback), read from the checkpoint folder's config or the random preset."""
     from rgpo.deepspeed_config import build_deepspeed_config
-    from rgpo.trainer import vlm_hidden_size
+    from rgpo.models.mindomni import MindOmni
+
+    vlm_hidden_size = MindOmni.language_hidden_size
 
     assert vlm_hidden_size("random:mindomni-7b") == 3584
     assert vlm_hidden_size(str(REPO / "rgpo" / "assets" / "toyworld" / "model")) == 96

@@ -11,9 +11,9 @@ import torch
 from two_ranks import launch_two_ranks
 
 from rgpo.config import ConfigError, load_config
-from rgpo.image_policy import ImagePolicy, ImageRollout, chain_rewards, image_policy_active, image_policy_loss
+from rgpo.image_policy import ImagePolicy, ImageRollout, chain_rewards, image_policy_loss
 from rgpo.losses import group_advantages
-from rgpo.models import ImageSamplingConfig
+from rgpo.models import Condition
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -25,7 +25,7 @@ SIGNAL = (f"rewards.functions=[format, {{name: '{TESTS / 'signal_reward.py'}:let
           f"{{name: '{TESTS / 'image_reward.py'}:brightness', weight: 1.0}}]")
 # Text + image mode: 2 images per chain, SDE on a window of 2 of the 4 steps, decoder LoRA, Flow-GRPO's KL.
 TEXT_AND_IMAGE = ("rollout.image.images_per_chain=2", "rollout.image.noise_level=0.7", "rollout.image.sde_window=2",
-                  "loss.image_pg_coef=1.0", "loss.image_regularizer=gaussian_kl", "trainable.decoder_lora_r=4")
+                  "loss.image_pg_coef=1.0", "loss.image_regularizer=gaussian_kl", "trainable.generator_lora_r=4")
 
 
 def tiny_cfg(tmp_path, *overrides):
@@ -42,27 +42,25 @@ def test_hand_computed_chain_and_image_advantages():
     image advantages within chains    chain 0 totals 2, 3, 4: (-1, 0, 1) / (1 + eps)
                                       chain 1 totals 4, 4, 7: (-1, -1, 2) / (sqrt(3) + eps)
     The text reward is the same on every image of a chain: it moves the chain, never the image advantages."""
-    from rgpo.trainer import global_advantages
+    from rgpo.advantages import global_advantages
 
     image_values = {"a0": 1.0, "a1": 2.0, "a2": 3.0, "b0": 4.0, "b1": 4.0, "b2": 7.0}
 
     def image_reward(prompts, completions, images, **columns):
-        return [image_values[im] for im in images]
+        return [image_values[chain[0]] for chain in images]  # each image is scored as a chain of one
 
     def text_reward(prompts, completions, images, **columns):
         return [1.0 if c == "good" else 0.0 for c in completions]
 
     image_reward.weight = text_reward.weight = 1.0
     cfg = load_config(None, ["rollout.image.images_per_chain=3", "rollout.num_generations=2"])
-    trainer = SimpleNamespace(cfg=cfg, image_cfg=ImageSamplingConfig(), rewards=[image_reward, text_reward],
-                              device=torch.device("cpu"))
-    policy = ImagePolicy(trainer)
-    record = ImageRollout(3, ["a0", "a1", "a2", "b0", "b1", "b2"], torch.zeros(2, 1, 1), torch.ones(2, 1), [])
+    policy = ImagePolicy(cfg, torch.device("cpu"))
+    record = ImageRollout(3, ["a0", "a1", "a2", "b0", "b1", "b2"], Condition(torch.zeros(2, 1, 1), torch.ones(2, 1)),
+                          None)
+    assert record.per_chain() == [["a0", "a1", "a2"], ["b0", "b1", "b2"]]
     row = SimpleNamespace(prompt="p", columns={})
-    rollout = SimpleNamespace(rows=[row, row], completions=SimpleNamespace(texts=["good", "bad"]),
-                              global_indices=[0, 1], image_rollout=record)
 
-    per_chain = policy.score(rollout)
+    per_chain = policy.score([image_reward, text_reward], [row, row], ["good", "bad"], record, [0, 1])
     torch.testing.assert_close(per_chain, torch.tensor([[2.0, 1.0], [5.0, 0.0]]))
     text_adv, _, totals = global_advantages(per_chain, [1.0, 1.0], [0, 1], 2)
     torch.testing.assert_close(totals, torch.tensor([3.0, 5.0]))
@@ -98,18 +96,18 @@ def test_image_policy_loss_clips_and_counts():
 
 # ------------------------------------------------------------------------------------ config checks
 def test_config_checks_name_the_keys():
-    base = ["data.train_file=x.jsonl", "loss.image_pg_coef=1.0", "trainable.decoder_lora_r=4",
+    base = ["data.train_file=x.jsonl", "loss.image_pg_coef=1.0", "trainable.generator_lora_r=4",
             "rollout.image.images_per_chain=2", "rollout.image.noise_level=0.7"]
     load_config(None, base).validate()  # the complete mode is valid
     with pytest.raises(ConfigError, match=r"rollout\.image\.noise_level=0\.0 .*image_pg_coef=1\.0.*SDE"):
         load_config(None, [*base, "rollout.image.noise_level=0"]).validate()
     with pytest.raises(ConfigError, match=r"rollout\.image\.images_per_chain=1 .*>= 2.*within each chain"):
         load_config(None, [*base, "rollout.image.images_per_chain=1"]).validate()
-    no_path = r"decoder_lora_r / trainable\.train_connector / loss\.image_condition_grad=\(0, False, False\) .*"
+    no_path = r"generator_lora_r / trainable\.full_parts / loss\.image_condition_grad=\(0, \[\], False\) .*"
     with pytest.raises(ConfigError, match=no_path + "image_pg_coef=1.0"):
-        load_config(None, [*base, "trainable.decoder_lora_r=0"]).validate()
-    load_config(None, [*base, "trainable.decoder_lora_r=0", "trainable.train_connector=true"]).validate()
-    load_config(None, [*base, "trainable.decoder_lora_r=0", "loss.image_condition_grad=true"]).validate()
+        load_config(None, [*base, "trainable.generator_lora_r=0"]).validate()
+    load_config(None, [*base, "trainable.generator_lora_r=0", "trainable.full_parts=[connector]"]).validate()
+    load_config(None, [*base, "trainable.generator_lora_r=0", "loss.image_condition_grad=true"]).validate()
     with pytest.raises(ConfigError, match=r"rollout\.image\.noise_level=0\.0 .*gaussian_kl"):
         load_config(None, ["data.train_file=x.jsonl", "loss.image_regularizer=gaussian_kl"]).validate()
     # the MindOmni default (a VLM LoRA only) has no gradient path for a KL on the recorded steps either
@@ -130,8 +128,8 @@ def test_config_checks_name_the_keys():
     default = load_config(None, ["data.train_file=x.jsonl"]).validate()
     assert (default.rollout.image.images_per_chain, default.rollout.image.noise_level) == (1, 0.0)
     assert (default.loss.image_pg_coef, default.loss.image_clip_range, default.loss.image_condition_grad) == (0.0, 1e-4, False)
-    assert not image_policy_active(default)
-    assert image_policy_active(load_config(None, ["rollout.image.images_per_chain=2"]))
+    assert not ImagePolicy(default, torch.device("cpu")).per_image  # one deterministic image, scored as the chain
+    assert ImagePolicy(load_config(None, ["rollout.image.images_per_chain=2"]), torch.device("cpu")).per_image
 
 
 # ------------------------------------------------------------------------------------ text + image, one process
@@ -187,7 +185,8 @@ def test_image_loss_reaches_the_vlm_only_when_asked(text_image_run):
     vlm = {n: p for n, p in model.named_parameters() if p.requires_grad and n.startswith("vlm.")}
     dec = {n: p for n, p in model.named_parameters() if p.requires_grad and n.startswith("decoder.")}
     trainer.engine.train()
-    loss, metrics = trainer.image_policy.loss(rollout, idx, out=None, policy_call=model)
+    loss, metrics = trainer.image_policy.loss(rollout, idx, None, model, trainer.reference_context, model,
+                                              trainer.negative_source)
     assert "loss/image_pg" in metrics and loss.requires_grad
     grads = torch.autograd.grad(loss, [*vlm.values(), *dec.values()], allow_unused=True)
     assert all(g is None for g in grads[: len(vlm)])
@@ -197,7 +196,8 @@ def test_image_loss_reaches_the_vlm_only_when_asked(text_image_run):
     try:
         assert trainer.image_policy.needs_condition
         out = model.forward_text(rollout.prompts.select(idx), rollout.completions.select(idx), with_condition=True)
-        loss, _ = trainer.image_policy.loss(rollout, idx, out=out, policy_call=model)
+        loss, _ = trainer.image_policy.loss(rollout, idx, out, model, trainer.reference_context, model,
+                                            trainer.negative_source)
         grads = torch.autograd.grad(loss, list(vlm.values()), allow_unused=True)
         assert any(g is not None and g.abs().sum() > 0 for g in grads)
     finally:
@@ -227,11 +227,12 @@ def test_several_euler_images_per_chain_average_the_chain_reward(tmp_path):
     rollout = trainer.rollout(trainer.sampler.next_step(), PhaseTimer())
     record = rollout.image_rollout
     assert len(record.images) == 16 and record.sde is None
-    assert rollout.images == record.images[::2]
+    assert rollout.images == record.per_chain() and [chain[0] for chain in rollout.images] == record.images[::2]
     assert record.images[0].tobytes() != record.images[1].tobytes()  # image 1 has a noise of its own
     per_chain = trainer.score(rollout)
     torch.testing.assert_close(per_chain, record.per_image_rewards.view(8, 2, -1).mean(1))
-    loss, metrics = trainer.image_policy.loss(rollout, [0, 1, 2, 3])
+    loss, metrics = trainer.image_policy.loss(rollout, [0, 1, 2, 3], None, trainer.engine, trainer.reference_context,
+                                              trainer.model, trainer.negative_source)
     assert loss.item() == 0.0 and metrics == {}
 
 

@@ -20,14 +20,20 @@ from rgpo.models import (
     MODEL_FAMILIES,
     Completions,
     ImageSamplingConfig,
-    MindOmni,
     get_model_class,
     load_model,
 )
-from rgpo.models import mindomni as mindomni_module
-from rgpo.models import omnigen as og
-from rgpo.models.mindomni import ANSWER_CLOSE, _sample, answer_condition_length, euler_grid, pack_left
-from rgpo.models.tiny import build_tiny_mindomni, write_tiny_checkpoint
+from rgpo.models.mindomni import MindOmni
+from rgpo.models.mindomni import modeling as mindomni_module
+from rgpo.models.mindomni import omnigen as og
+from rgpo.models.mindomni.modeling import (
+    ANSWER_CLOSE,
+    _sample,
+    answer_condition_length,
+    euler_grid,
+    pack_left,
+)
+from rgpo.models.mindomni.tiny import build_tiny_mindomni, write_tiny_checkpoint
 
 CFG = ImageSamplingConfig(height=64, width=64, steps=4, guidance_scale=3.0, seed=7)
 TEXT_ROWS = [{"prompt": "a red apple"}, {"prompt": "a small cat sitting on a wooden table under the sky"}]
@@ -265,7 +271,7 @@ def test_zero3_step_forward_equals_the_plain_one(model, monkeypatch, with_images
     monkeypatch.setattr(model, "_blank_image", lambda: blank_runs.append(1) or blank())
     stepped = model.forward_text(prompts, comp)
     torch.testing.assert_close(stepped.logps, plain.logps, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(stepped.condition, plain.condition, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stepped.condition.states, plain.condition.states, atol=1e-6, rtol=1e-6)
     assert len(blank_runs) == (1 if other_rank_has_images and not with_images else 0)
     # generation's prefill takes the same path: the same chains from the same seed
     monkeypatch.setattr(model, "_all_done", lambda done, synced=None: bool(done.all()))
@@ -290,7 +296,7 @@ def test_condition_is_prenorm_prompt_plus_answer_prefix(model, with_images):
     suffix = model.condition_suffix_ids
     assert model.tokenizer.decode(suffix) == "\n"
     for i in range(4):
-        real = out.condition_mask[i].bool()
+        real = out.condition.mask[i].bool()
         # left-padded: all pads first
         assert not real[: int((~real).sum())].any()
         keep = torch.cat(
@@ -304,10 +310,10 @@ def test_condition_is_prenorm_prompt_plus_answer_prefix(model, with_images):
             == int(keep.sum())
             == int(prompts.attention_mask[i].sum()) + int(comp.condition_lengths[i])
         )
-        cond = out.condition[i, real]
+        cond = out.condition.states[i, real]
         torch.testing.assert_close(norm(cond[: -len(suffix)]), post[i, keep], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(cond[: -len(suffix)], post[i, keep], atol=1e-3)  # really the pre-norm state
-        assert (out.condition[i, ~real] == 0).all()
+        assert (out.condition.states[i, ~real] == 0).all()
         assert keep[:p].sum() == prompts.attention_mask[i].sum()
         # MindOmni's sequence, run on its own: the prompt, the answer prefix, then the newline.
         prefix = comp.completion_ids[i, : int(comp.condition_lengths[i])].tolist() + suffix
@@ -333,8 +339,8 @@ def test_condition_is_the_same_under_eager_attention(model):
         eager = model.forward_text(prompts, comp)
     finally:
         config._attn_implementation = "sdpa"
-    assert torch.equal(sdpa.condition_mask, eager.condition_mask)
-    torch.testing.assert_close(eager.condition, sdpa.condition, atol=1e-5, rtol=1e-5)
+    assert torch.equal(sdpa.condition.mask, eager.condition.mask)
+    torch.testing.assert_close(eager.condition.states, sdpa.condition.states, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eager.logps, sdpa.logps, atol=1e-5, rtol=1e-5)
 
 
@@ -347,9 +353,9 @@ def test_pack_left_orders_and_pads():
 
 
 def test_negative_condition_is_cached_and_shaped(model):
-    neg, mask = model.negative_condition(3)
+    neg, mask = model.negative_states(3)
     assert neg.shape[0] == 3 and mask.shape == neg.shape[:2] and mask.all()
-    again, _ = model.negative_condition(1)
+    again, _ = model.negative_states(1)
     assert torch.equal(again[0], neg[0])
     batch = model.build_prompts([{"prompt": model.negative_prompt}])
     assert neg.shape[1] == int(batch.attention_mask.sum())
@@ -404,7 +410,7 @@ def test_own_decoder_forward_equals_diffusers_forward(model):
         for hook in hooks:
             hook.remove()
     out = model.decode_step(dec.embed_tokens(padded), mask, latents, t, return_features=True)
-    torch.testing.assert_close(out.velocity, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.prediction, ref, atol=1e-5, rtol=1e-5)
     layers = dec.config.num_layers
     assert out.features.shape == (3, layers + 1, n_img, dec.config.hidden_size)
     for k in range(layers):
@@ -417,7 +423,7 @@ def test_own_decoder_forward_equals_diffusers_forward(model):
             latents[i : i + 1], t[i : i + 1], torch.tensor([row]), [], {},
             collator.create_mask(one, [n_img])[0], collator.create_position(one, [n_img]),
         ).sample  # fmt: skip
-        torch.testing.assert_close(out.velocity[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.prediction[i : i + 1], alone, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -427,7 +433,7 @@ def test_condition_kv_cache_equals_full_forward(model):
     latents = torch.randn(3, 4, 8, 8)
     t = torch.tensor([0.1, 0.5, 0.8])
     cache = og.build_condition_cache(model.decoder, embeds, mask, 16)
-    full = model.decode_step(embeds, mask, latents, t).velocity
+    full = model.decode_step(embeds, mask, latents, t).prediction
     torch.testing.assert_close(
         og.decoder_forward_cached(model.decoder, cache, latents, t), full, atol=1e-5, rtol=1e-5
     )
@@ -435,7 +441,7 @@ def test_condition_kv_cache_equals_full_forward(model):
 
 def test_cached_sampling_equals_uncached(model):
     states, mask = random_condition(model, [9, 5])
-    neg, neg_mask = model.negative_condition(2)
+    neg, neg_mask = model.negative_states(2)
     embeds, neg_embeds = model.connect(states, mask), model.connect(neg, neg_mask)
     noise = model.initial_noise(2, 1, CFG, "cpu")
     cached = model.sample_latents(embeds, mask, neg_embeds, neg_mask, noise, CFG)
@@ -450,7 +456,7 @@ def test_cached_sampling_equals_uncached(model):
 @torch.no_grad()
 def test_euler_equals_diffusers_scheduler_with_guidance(model):
     states, mask = random_condition(model, [6, 6])
-    neg, neg_mask = model.negative_condition(2)
+    neg, neg_mask = model.negative_states(2)
     embeds, neg_embeds = model.connect(states, mask), model.connect(neg, neg_mask)
     noise = model.initial_noise(2, 2, CFG, "cpu")
     ours = model.sample_latents(embeds, mask, neg_embeds, neg_mask, noise, CFG)
@@ -460,15 +466,15 @@ def test_euler_equals_diffusers_scheduler_with_guidance(model):
     assert torch.allclose(scheduler.timesteps, euler_grid(CFG.steps)[:-1])
     x = noise.clone()
     for t in scheduler.timesteps:
-        v_cond = model.decode_step(embeds, mask, x, t.expand(2)).velocity
-        v_neg = model.decode_step(neg_embeds, neg_mask, x, t.expand(2)).velocity
+        v_cond = model.decode_step(embeds, mask, x, t.expand(2)).prediction
+        v_neg = model.decode_step(neg_embeds, neg_mask, x, t.expand(2)).prediction
         x = scheduler.step(v_neg + CFG.guidance_scale * (v_cond - v_neg), t, x).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
 
 
 def test_guidance_one_equals_unguided_and_seed_reproduces(model):
     states, mask = random_condition(model, [5, 8])
-    neg, neg_mask = model.negative_condition(2)
+    neg, neg_mask = model.negative_states(2)
     embeds, neg_embeds = model.connect(states, mask), model.connect(neg, neg_mask)
     noise = model.initial_noise(2, 1, CFG, "cpu")
     one = ImageSamplingConfig(height=64, width=64, steps=3, guidance_scale=1.0)
@@ -533,13 +539,13 @@ def test_checkpoint_released_layout_and_load_reproduces_outputs(tmp_path):
         images, velocities = [], []
         for m in (written, loaded):
             out = m.forward_text(batch, comp)
-            embeds = m.connect(out.condition, out.condition_mask)
+            embeds = m.connect(out.condition.states, out.condition.mask)
             noise = m.initial_noise(2, 1, CFG, "cpu")
             velocities.append(
-                m.decode_step(embeds, out.condition_mask, noise, torch.full((2,), 0.4)).velocity
+                m.decode_step(embeds, out.condition.mask, noise, torch.full((2,), 0.4)).prediction
             )
             images.append(
-                m.decode_latents(m.sample_latents(embeds, out.condition_mask, None, None, noise, CFG))
+                m.decode_latents(m.sample_latents(embeds, out.condition.mask, None, None, noise, CFG))
             )
     torch.testing.assert_close(velocities[0], velocities[1], atol=0, rtol=0)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*images))
@@ -603,7 +609,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
 
 def lora_model(seed: int = 0) -> MindOmni:
     model = build_tiny_mindomni(seed=seed)
-    targets = model.language_model_lora_targets()
+    targets = model.lora_targets("language_model")
     assert "lm_head" in targets and not any("visual" in t for t in targets)
     assert any(t.endswith("self_attn.q_proj") for t in targets) and any(
         t.endswith("mlp.down_proj") for t in targets
@@ -618,15 +624,15 @@ def lora_model(seed: int = 0) -> MindOmni:
 
 def test_lora_targets_are_stable_after_wrapping():
     model = build_tiny_mindomni()
-    before = model.language_model_lora_targets()
+    before = model.lora_targets("language_model")
     model.vlm = get_peft_model(model.vlm, LoraConfig(r=4, lora_alpha=8, target_modules=before))
-    assert model.language_model_lora_targets() == before
+    assert model.lora_targets("language_model") == before
 
 
 def image_kl_features(model: MindOmni, batch, comp, latents, t) -> torch.Tensor:
     out = model.forward_text(batch, comp)
-    embeds = model.connect(out.condition, out.condition_mask)
-    return model.decode_step(embeds, out.condition_mask, latents, t, return_features=True).features
+    embeds = model.connect(out.condition.states, out.condition.mask)
+    return model.decode_step(embeds, out.condition.mask, latents, t, return_features=True).features
 
 
 def test_lora_starts_as_reference_and_trains_through_frozen_decoder():
@@ -660,13 +666,13 @@ def test_lora_starts_as_reference_and_trains_through_frozen_decoder():
 
 def test_negative_condition_ignores_the_adapter():
     model = lora_model()
-    base, _ = model.negative_condition(1)
+    base, _ = model.negative_states(1)
     with torch.no_grad():
         for name, param in model.vlm.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
     model.clear_negative_cache()
-    after, _ = model.negative_condition(1)
+    after, _ = model.negative_states(1)
     assert torch.equal(base, after)
 
 
@@ -699,9 +705,9 @@ def test_gradient_checkpointing_gives_same_values_and_grads():
 def guided_latents(model: MindOmni, out, noise: torch.Tensor) -> torch.Tensor:
     """The pipeline's sampling from a forward's condition: connector, then guided Euler steps against the
     negative prompt, from ``noise``."""
-    embeds = model.connect(out.condition, out.condition_mask)
-    neg, neg_mask = model.negative_condition(noise.shape[0])
-    return model.sample_latents(embeds, out.condition_mask, model.connect(neg, neg_mask), neg_mask, noise, CFG)
+    embeds = model.connect(out.condition.states, out.condition.mask)
+    neg, neg_mask = model.negative_states(noise.shape[0])
+    return model.sample_latents(embeds, out.condition.mask, model.connect(neg, neg_mask), neg_mask, noise, CFG)
 
 
 def test_bfloat16_model_keeps_vae_and_rotary_tables_fp32():
@@ -715,7 +721,7 @@ def test_bfloat16_model_keeps_vae_and_rotary_tables_fp32():
         batch, num_generations=2, max_new_tokens=6, generator=torch.Generator().manual_seed(0)
     )
     out = model.forward_text(batch.repeat_interleave(2), comp)
-    assert out.logps.dtype == torch.float32 and out.condition.dtype == torch.bfloat16
+    assert out.logps.dtype == torch.float32 and out.condition.states.dtype == torch.bfloat16
     latents = guided_latents(model, out, model.initial_noise(2, 2, CFG, "cpu"))
     assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
 
@@ -731,10 +737,10 @@ def test_image_and_text_prompt_end_to_end(model):
         latents = guided_latents(model, out, model.initial_noise(4, 2, CFG, "cpu"))
     images = model.decode_latents(latents)
     assert len(images) == 4 and all(im.size == (64, 64) for im in images)
-    assert out.condition.shape[0] == 4 and torch.isfinite(out.logps).all()
+    assert out.condition.states.shape[0] == 4 and torch.isfinite(out.logps).all()
     image_id = model.hf_vlm().config.image_token_id
     # the condition carries the image tokens' states (the edit source reaches the decoder)
-    assert int(out.condition_mask.sum(1).min()) >= int((prompts.input_ids == image_id).sum(1).min())
+    assert int(out.condition.mask.sum(1).min()) >= int((prompts.input_ids == image_id).sum(1).min())
 
 
 @pytest.mark.gpu
@@ -793,7 +799,7 @@ def test_prompt_batch_select_and_repeat_with_mixed_image_counts():
     """Rows with 0, 2 and 1 input images: selecting and repeating rows keeps each row's own images."""
     from PIL import Image as PILImage
 
-    from rgpo.models.tiny import build_tiny_mindomni
+    from rgpo.models.mindomni.tiny import build_tiny_mindomni
 
     model = build_tiny_mindomni(seed=0)
     colours = ["red", "green", "blue"]
@@ -836,7 +842,7 @@ def test_random_mindomni_7b_shape_matches_the_released_sizes():
     """model.path=random:mindomni-7b (benchmarks at the real size): built on the meta device (nothing allocated),
     its parts have the released parameter counts: Qwen2.5-VL-7B 8.29 B with a 676.55 M vision tower, OmniGen-v1
     about 3.8 B, SDXL's VAE 83.65 M; the VAE stays float32 in a bf16 model."""
-    from rgpo.models.tiny import build_random_mindomni
+    from rgpo.models.mindomni.tiny import build_random_mindomni
 
     model = build_random_mindomni("mindomni-7b", dtype=torch.bfloat16, device="meta")
 

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from rgpo.models.tiny import build_tiny_mindomni
+from rgpo.models.mindomni.tiny import build_tiny_mindomni
 from rgpo.modes import TrainModeSwitch
 
 
@@ -32,7 +32,7 @@ class KeepsNormFrozen(nn.Module):
 @pytest.fixture(scope="module")
 def lora_mindomni():
     model = build_tiny_mindomni(seed=0)
-    targets = model.language_model_lora_targets()
+    targets = model.lora_targets("language_model")
     model.vlm = get_peft_model(model.vlm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=targets))
     return model
 

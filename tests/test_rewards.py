@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import dataclasses  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -60,13 +61,18 @@ REPO = Path(rewards.__file__).parent.parent
     ],
 )
 def test_format_rewards(completion, search, strict):
-    assert format_reward(["p"], [completion], [None]) == [search]
-    assert format_strict_reward(["p"], [completion], [None]) == [strict]
+    call = {"prompts": ["p"], "completions": [completion], "completion_ids": None, "images": [[]]}
+    assert format_reward(**call) == [search]
+    assert format_strict_reward(**call) == [strict]
+    # TRL's conversational form of the same completion scores the same
+    messages = {**call, "completions": [[{"role": "assistant", "content": completion}]]}
+    assert format_reward(**messages) == [search] and format_strict_reward(**messages) == [strict]
 
 
 def test_format_rewards_batch_and_unknown_columns():
     completions = ["<think>a</think><answer>b</answer>", "nothing"]
-    assert format_reward(["p", "q"], completions, [None, None], gt_prompt=["x", "y"], anything=[1, 2]) == [1.0, 0.0]
+    assert format_reward(prompts=["p", "q"], completions=completions, completion_ids=[[1], [2]], images=[[], []],
+                         gt_prompt=["x", "y"], anything=[1, 2]) == [1.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -89,7 +95,7 @@ def test_registered_names():
         assert name in REGISTRY
     reward = get_reward("format")
     assert isinstance(reward, Reward) and reward.name == "format" and reward.weight == 1.0
-    assert reward(["p"], ["<think>a</think><answer>b</answer>"], [None]) == [1.0]
+    assert reward(prompts=["p"], completions=["<think>a</think><answer>b</answer>"], images=[[]]) == [1.0]
 
 
 def test_unknown_name_lists_registered_names():
@@ -114,21 +120,28 @@ LENGTH_COMPLETIONS = [
 LENGTH_EXPECTED = [1.0, 0.5, 0.5, 0.0, None]
 
 
-def test_dotted_path():
-    reward = get_reward("rewards.examples.length_penalty:length_reward", min_words=2, max_words=4)
-    assert reward.name == "length_reward"
-    assert reward(["p"] * 5, LENGTH_COMPLETIONS, [None] * 5) == LENGTH_EXPECTED
+def _length_call(**columns):
+    return {"prompts": ["p"] * 5, "completions": LENGTH_COMPLETIONS, "completion_ids": None, "images": [[]] * 5,
+            **columns}
+
+
+@pytest.mark.parametrize("spec", ["rewards.examples.length_penalty:length_reward",
+                                  "rewards.examples.length_penalty.length_reward"])  # TRL's CLI form
+def test_dotted_path(spec):
+    reward = get_reward(spec, min_words=2, max_words=4)
+    assert reward.name == "length_reward" and reward.source == spec
+    assert reward(**_length_call()) == LENGTH_EXPECTED
 
 
 def test_file_path_absolute_and_relative(monkeypatch):
     reward = get_reward(f"{EXAMPLE}:length_reward", min_words=2, max_words=4)
     assert reward.name == "length_reward"
-    assert reward(["p"] * 5, LENGTH_COMPLETIONS, [None] * 5, gt_prompt=["x"] * 5) == LENGTH_EXPECTED
+    assert reward(**_length_call(gt_prompt=["x"] * 5)) == LENGTH_EXPECTED
     monkeypatch.chdir(REPO)  # what a YAML config says: a path relative to the working directory
     relative = get_reward({"name": "rewards/examples/length_penalty.py:length_reward", "weight": 0.1,
                            "kwargs": {"min_words": 2, "max_words": 4}})
     assert relative.weight == 0.1
-    assert relative(["p"] * 5, LENGTH_COMPLETIONS, [None] * 5) == LENGTH_EXPECTED
+    assert relative(**_length_call()) == LENGTH_EXPECTED
 
 
 def test_missing_attribute_names_file_and_attribute():
@@ -152,11 +165,11 @@ def test_register_function_and_class():
         scale: float = 1.0
         required_columns = ("score",)
 
-        def __call__(self, prompts, completions, images, score, **columns):
+        def __call__(self, *, completions, score, **kwargs):
             return [self.scale * s for s in score]
 
-    def constant(prompts, completions, images, value=1.0, **columns):
-        return [value] * len(prompts)
+    def constant(completions, value=1.0, **kwargs):
+        return [value] * len(completions)
 
     try:
         register_reward("test_scaled")(Scaled)
@@ -164,10 +177,10 @@ def test_register_function_and_class():
         register_reward("test_constant")(constant)  # the same object again: a no-op
         scaled = get_reward("test_scaled", scale=2.0)
         assert isinstance(scaled.fn, Scaled) and scaled.required_columns == ("score",)
-        assert scaled(["p", "q"], ["", ""], [None, None], score=[1.0, 3.0]) == [2.0, 6.0]
+        assert scaled(prompts=["p", "q"], completions=["", ""], images=[[], []], score=[1.0, 3.0]) == [2.0, 6.0]
         constant_reward = get_reward("test_constant", value=0.25)
         assert constant_reward.name == "test_constant"
-        assert constant_reward(["p"], [""], [None]) == [0.25]
+        assert constant_reward(prompts=["p"], completions=[""], images=[[]]) == [0.25]
         with pytest.raises(RewardError, match="already registered"):
             register_reward("test_constant")(Scaled)
         with pytest.raises(RewardError, match="test_scaled.*unexpected keyword argument 'scal'"):
@@ -319,7 +332,7 @@ def test_trainer_scoring_follows_rewards_parallel():
     of each row passed as keywords."""
     from rgpo.config import RewardsConfig
     from rgpo.data import PromptRow
-    from rgpo.trainer import score_samples
+    from rgpo.scoring import score_samples
 
     barrier = threading.Barrier(2)
 
@@ -429,6 +442,24 @@ def test_clip_reward_none_image_or_text_gives_none(tiny_clip, fresh_images):
     assert isinstance(values[0], float) and values[1] is None and values[2] is None
 
 
+def test_clip_reward_scores_every_image_of_a_chain(tiny_clip, fresh_images):
+    """A chain's value is the mean over its images of each image's (clamped) cosine; no image: None."""
+    a, b, c = fresh_images[:3]
+    single = _reward(tiny_clip, clamp_min=None, batch_size=2)
+    caption = "a red circle"
+    one = [single(prompts=["p"], completions=["x"], images=[[im]], gt_prompt=[caption])[0] for im in (a, b, c)]
+    values = single(prompts=["p"] * 4, completions=["x"] * 4, completion_ids=None, images=[[a, b], [], [c], [a, b, c]],
+                    gt_prompt=[caption] * 4)
+    assert values[1] is None
+    assert values[0] == pytest.approx((one[0] + one[1]) / 2, abs=1e-6)
+    assert values[2] == pytest.approx(one[2], abs=1e-6)
+    assert values[3] == pytest.approx(sum(one) / 3, abs=1e-6)
+    threshold = sorted(one)[1]  # the clamp applies to each image, then the mean is taken
+    clamped = _reward(tiny_clip, clamp_min=threshold)(prompts=["p"], completions=["x"], images=[[a, b, c]],
+                                                      gt_prompt=[caption])
+    assert clamped[0] == pytest.approx(sum(max(v, threshold) for v in one) / 3, abs=1e-6)
+
+
 def test_clip_reward_batches_agree(tiny_clip, fresh_images):
     captions = shape_captions()
     one_batch = _reward(tiny_clip, clamp_min=None)(["p"] * N_CAPTIONS, ["c"] * N_CAPTIONS, fresh_images, gt_prompt=captions)
@@ -514,3 +545,191 @@ def test_tiny_clip_tokenizer_is_offline():
 
     tokens = open_clip.get_tokenizer("ViT-B-32")(["a red circle"])
     assert tokens.shape == (1, 77) and int(tokens[0, 0]) == 49406  # start-of-text of the bundled BPE vocab
+
+
+# ---------------------------------------------------------------------------------------------- TRL's call contract
+def _recorder(calls):
+    """A reward that accepts keywords only (as TRL's contract allows) and records what it was given."""
+    def keywords_only(*, prompts, completions, completion_ids=None, images, **kwargs):
+        calls.append({"prompts": prompts, "completions": completions, "completion_ids": completion_ids,
+                      "images": images, **kwargs})
+        return [float(len(chain)) for chain in images]
+
+    return keywords_only
+
+
+def test_combine_calls_with_keywords_only_and_images_per_chain():
+    from PIL import Image
+
+    red, green, blue = (Image.new("RGB", (4, 4), c) for c in ("red", "green", "blue"))
+    calls = []
+    total, per = combine([Reward("rec", _recorder(calls))], None, ["p0", "p1", "p2"], ["c0", "c1", "c2"],
+                         [[red, green], [], [blue]], {"gt_prompt": ["a", "b", "c"]}, completion_ids=[[1, 2], [3], []])
+    torch.testing.assert_close(per[:, 0], torch.tensor([2.0, 0.0, 1.0]))  # the number of images of each chain
+    (call,) = calls
+    assert call["prompts"] == ["p0", "p1", "p2"] and call["completions"] == ["c0", "c1", "c2"]
+    assert call["completion_ids"] == [[1, 2], [3], []] and call["gt_prompt"] == ["a", "b", "c"]
+    assert call["images"][0][0] is red and call["images"][0][1] is green and call["images"][2] == [blue]
+
+
+def test_combine_normalises_one_image_or_none_per_chain():
+    """What rgpo's trainer passes today (one image or None per chain) reaches a reward as [image] / []."""
+    from PIL import Image
+
+    image = Image.new("RGB", (4, 4))
+    calls = []
+    combine([_recorder(calls)], [1.0], ["p", "q", "r"], ["a", "b", "c"], [image, None, [image, image]], {})
+    assert calls[0]["images"] == [[image], [], [image, image]] and calls[0]["completion_ids"] is None
+    combine([_recorder(calls)], [1.0], ["p"], ["a"], None, {})  # no images at all
+    assert calls[1]["images"] == [[]]
+
+
+def test_combine_checks_completion_ids_and_reserved_columns():
+    with pytest.raises(RewardError, match=r"batch has 2 prompts but completion_ids has 1"):
+        combine([_fixed("a", [0.0, 0.0])], None, ["p", "q"], ["a", "b"], None, {}, completion_ids=[[1]])
+    with pytest.raises(RewardError, match=r"data column\(s\) \['images'\] take the name of a reward input"):
+        combine([_fixed("a", [0.0])], None, ["p"], ["a"], None, {"images": ["x.png"]})
+
+
+def test_combine_explains_a_reward_without_kwargs():
+    def positional_only(prompts, completions, images):  # the old rgpo contract, no **kwargs
+        return [0.0] * len(prompts)
+
+    with pytest.raises(RewardError, match=r"reward 'positional_only' cannot be called with \['completion_ids', "
+                                          r"'gt_prompt'\].*add \*\*kwargs"):
+        combine([positional_only], [1.0], ["p"], ["a"], None, {"gt_prompt": ["x"]})
+
+
+def test_required_columns_from_the_signature():
+    def needs_solution(completions, solution, log_extra=None, **kwargs):  # the shape of TRL's accuracy_reward
+        return [float(c == s) for c, s in zip(completions, solution)]
+
+    assert Reward("acc", needs_solution).required_columns == ("solution",)
+    with pytest.raises(RewardError, match=r"reward 'needs_solution' needs column\(s\) \['solution'\]"):
+        combine([needs_solution], [1.0], ["p"], ["a"], None, {"answer": ["a"]})
+    total, _ = combine([needs_solution], [1.0], ["p", "q"], ["a", "b"], None, {"solution": ["a", "c"]})
+    torch.testing.assert_close(total, torch.tensor([1.0, 0.0]))
+
+
+# TRL's shipped reward functions, imported from trl, through the registry and combine unchanged.
+TRL_COMPLETIONS = ["<think>\nreasoning\n</think>\nthe answer", "<think>no end", "no think at all"]
+
+
+def test_trl_think_format_reward_plugs_in_unchanged():
+    from trl.rewards import think_format_reward
+
+    reward = get_reward("trl.rewards.think_format_reward")  # TRL's CLI spelling: module.function
+    assert reward.fn is think_format_reward and reward.name == "think_format_reward" and reward.conversational
+    assert get_reward("trl.rewards:think_format_reward").fn is think_format_reward
+    # It reads completion[0]["content"] (TRL's conversational form); combine hands it our text that way.
+    expected = think_format_reward([[{"content": c}] for c in TRL_COMPLETIONS])
+    assert expected == [1.0, 0.0, 0.0]
+    total, per = combine([reward, get_reward("format")], [2.0, 1.0], ["p"] * 3, TRL_COMPLETIONS, None,
+                         {"gt_prompt": ["x"] * 3})
+    torch.testing.assert_close(per[:, 0], torch.tensor(expected))
+    torch.testing.assert_close(total, 2.0 * torch.tensor(expected))  # format: 0 for all three
+
+
+def test_trl_token_rewards_built_by_their_factories():
+    from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
+
+    overlong = get_reward({"name": "trl.rewards.get_soft_overlong_punishment", "weight": 0.5,
+                           "kwargs": {"max_completion_len": 10, "soft_punish_cache": 4}})
+    repetition = get_reward("trl.rewards.get_repetition_penalty_reward", ngram_size=2, max_penalty=-1.0)
+    assert (overlong.name, repetition.name) == ("soft_overlong_punishment_reward", "repetition_penalty_reward")
+    ids = [[1, 2, 3, 4], [5, 5, 5, 5, 5, 5, 5, 5], [7] * 12]
+    # By hand: lengths 4, 8, 12 against L_max 10, cache 4 -> 0, (6 - 8) / 4 = -0.5, -1; repeated bigrams: 0,
+    # (1 - 1/7) * -1 = -6/7, (1 - 1/11) * -1 = -10/11. TRL's own functions agree:
+    assert get_soft_overlong_punishment(10, 4)(ids) == [0.0, -0.5, -1.0]
+    assert get_repetition_penalty_reward(2, -1.0)(ids) == pytest.approx([0.0, -6 / 7, -10 / 11])
+    total, per = combine([overlong, repetition], None, ["p"] * 3, ["a", "b", "c"], None, {}, completion_ids=ids)
+    torch.testing.assert_close(per, torch.tensor([[0.0, 0.0], [-0.5, -6 / 7], [-1.0, -10 / 11]]))
+    torch.testing.assert_close(total, torch.tensor([0.0, -0.25 - 6 / 7, -0.5 - 10 / 11]))
+    with pytest.raises(RewardError, match=r"reward 'soft_overlong_punishment_reward' needs completion_ids, but "
+                                          r"the caller passed none"):
+        combine([overlong], None, ["p"], ["a"], None, {})
+
+
+def test_trl_accuracy_reward_needs_its_solution_column():
+    pytest.importorskip("math_verify")  # TRL's accuracy rewards need it; not a dependency of rgpo
+    reward = get_reward("trl.rewards.accuracy_reward")
+    assert reward.required_columns == ("solution",) and reward.conversational
+    completions = [r"so it is \boxed{\frac{1}{3}}", r"\boxed{\frac{1}{2}}"]
+    _, per = combine([reward], None, ["p", "q"], completions, None, {"solution": [r"\frac{1}{3}"] * 2})
+    torch.testing.assert_close(per[:, 0], torch.tensor([1.0, 0.0]))
+
+
+# ---------------------------------------------------------------------------------------------- unique names
+def _score_files(root, *folders):
+    for i, folder in enumerate(folders):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "r.py").write_text(f"def score(completions, **kwargs):\n    return [{i}.0] * len(completions)\n")
+
+
+def test_rewards_sharing_a_function_name_get_distinct_readable_names(tmp_path, monkeypatch):
+    _score_files(tmp_path, "a", "b", "c/a")
+    monkeypatch.chdir(tmp_path)
+    resolved = rewards.get_rewards(["a/r.py:score", "b/r.py:score", "format", {"name": "format", "weight": 2.0}])
+    assert [r.name for r in resolved] == ["a.r:score", "b.r:score", "format", "format_2"]
+    assert [r.weight for r in resolved] == [1.0, 1.0, 1.0, 2.0]
+    # Deterministic: the same specs give the same names; a third file deepens the qualifier just enough.
+    again = rewards.get_rewards(["a/r.py:score", "b/r.py:score", "c/a/r.py:score"])
+    assert [r.name for r in again] == ["a.r:score", "b.r:score", "c.a.r:score"]
+    _, per = combine(again, None, ["p"], ["x"], None, {})  # and each is its own file's function
+    torch.testing.assert_close(per, torch.tensor([[0.0, 1.0, 2.0]]))
+    # A reward named like a registered one is told apart by where it comes from; unique names are untouched.
+    mixed = rewards.unique_names([get_reward("format"), Reward("format", format_reward, source="mine.py:format"),
+                                  Reward("score", format_reward, source="x.py:score")])
+    assert [r.name for r in mixed] == ["format", "mine:format", "score"]
+    assert rewards.unique_names([Reward("x", format_reward), Reward("x", format_reward),
+                                 Reward("x_2", format_reward)])[1].name == "x_3"  # never a taken name
+
+
+# ---------------------------------------------------------------------------------------------- import path
+@pytest.fixture
+def clean_import_state(monkeypatch):
+    """Let a test put the working directory on sys.path and import modules, and undo both afterwards."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        sys.modules.pop(name, None)
+
+
+def test_dotted_reward_in_the_working_directory(tmp_path, monkeypatch, clean_import_state):
+    (tmp_path / "my_cwd_rewards.py").write_text("def brevity(completions, **kwargs):\n"
+                                                "    return [1.0 / len(c) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    assert str(tmp_path) not in sys.path
+    for spec in ("my_cwd_rewards.brevity", "my_cwd_rewards:brevity"):
+        reward = get_reward(spec)
+        assert reward(prompts=["p"], completions=["abcd"], completion_ids=None, images=[[]]) == [0.25]
+    assert sys.path[-1] == str(tmp_path)  # appended: an installed package still wins over a same-named folder
+
+
+def test_missing_dotted_module_gets_a_hint(tmp_path, monkeypatch, clean_import_state):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RewardError) as info:
+        get_reward("not_here_rewards.score")
+    message = str(info.value)
+    assert "cannot import module 'not_here_rewards'" in message and str(tmp_path) in message
+    assert "'not_here_rewards.py:score'" in message and "'format'" in message  # a file path; registered names
+    (tmp_path / "broken_dep_rewards.py").write_text("import no_such_dependency_xyz\n")
+    with pytest.raises(RewardError, match=r"module 'broken_dep_rewards' imports 'no_such_dependency_xyz', which is "
+                                          r"not installed"):
+        get_reward("broken_dep_rewards:score")
+
+
+# ---------------------------------------------------------------------------------------------- package layout
+def test_imports_inside_the_rewards_package_are_relative():
+    """The package will be installed under another name: no module may import it by its name."""
+    import ast
+
+    offenders = []
+    for path in Path(rewards.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.name}: {n}" for n in names if n == "rewards" or n.startswith("rewards.")]
+    assert offenders == []

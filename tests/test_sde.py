@@ -16,8 +16,8 @@ from torch.distributions import Normal, kl_divergence
 from rgpo import sde
 from rgpo.models import ImageSamplingConfig
 from rgpo.models.mindomni import cat_left_padded, euler_grid
-from rgpo.models.omnigen import build_condition_cache, decoder_forward_cached, num_image_tokens
-from rgpo.models.tiny import build_tiny_mindomni
+from rgpo.models.mindomni.omnigen import build_condition_cache, decoder_forward_cached, num_image_tokens
+from rgpo.models.mindomni.tiny import build_tiny_mindomni
 
 CFG = ImageSamplingConfig(height=64, width=64, steps=4, guidance_scale=3.0, seed=7)
 
@@ -271,7 +271,7 @@ def model():
 
 def embeds_and_negative(model, lengths=(6, 9)):
     states, mask = random_condition(model, list(lengths))
-    neg, neg_mask = model.negative_condition(len(lengths))
+    neg, neg_mask = model.negative_states(len(lengths))
     return model.connect(states.to(model.dtype), mask), mask, model.connect(neg, neg_mask), neg_mask
 
 
@@ -330,7 +330,7 @@ def test_model_sde_trajectory_is_seeded_and_its_log_probs_recompute_exactly(mode
     assert torch.isfinite(traj.log_probs).all()
     for k in range(4):
         t = traj.timesteps[k]
-        v = model.decode_step(embeds, mask, traj.x[:, k].contiguous(), t.expand(2)).velocity
+        v = model.decode_step(embeds, mask, traj.x[:, k].contiguous(), t.expand(2)).prediction
         log_prob, _, _ = sde.sde_log_prob(traj.x[:, k], v, t, traj.next_timesteps[k], traj.x_next[:, k], 0.7)
         assert torch.equal(log_prob, traj.log_probs[:, k])
     # seeded: the same generator seed gives the same trajectory, another seed another one
@@ -350,8 +350,8 @@ def test_model_sde_uses_the_guided_velocity(model):
                                 generator=torch.Generator().manual_seed(5))
     for k in range(4):
         x, t = traj.x[:, k].contiguous(), traj.timesteps[k].expand(2)
-        v_cond = model.decode_step(embeds, mask, x, t).velocity
-        v_neg = model.decode_step(neg_embeds, neg_mask, x, t).velocity
+        v_cond = model.decode_step(embeds, mask, x, t).prediction
+        v_neg = model.decode_step(neg_embeds, neg_mask, x, t).prediction
         guided = v_neg + CFG.guidance_scale * (v_cond - v_neg)
         _, mean, std = sde.sde_log_prob(x, guided, traj.timesteps[k], traj.next_timesteps[k], traj.x_next[:, k], 0.7)
         # x_next - mean is std * z with z ~ N(0, 1): recovered z is standard normal only for the guided mean
@@ -391,7 +391,68 @@ def test_model_log_probs_are_fp32_in_bfloat16():
                                 generator=torch.Generator().manual_seed(6))
     assert traj.log_probs.dtype == traj.x.dtype == traj.latents.dtype == torch.float32
     assert torch.isfinite(traj.log_probs).all()
-    v = model.decode_step(embeds, mask, traj.x[:, 2].contiguous(), traj.timesteps[2].expand(2)).velocity
+    v = model.decode_step(embeds, mask, traj.x[:, 2].contiguous(), traj.timesteps[2].expand(2)).prediction
     assert v.dtype == torch.bfloat16
     log_prob, _, _ = sde.sde_log_prob(traj.x[:, 2], v, traj.timesteps[2], traj.next_timesteps[2], traj.x_next[:, 2], 0.7)
     assert log_prob.dtype == torch.float32
+
+
+def test_gaussian_step_kl_conventions_by_hand():
+    # x = 1, v = 2 vs v_ref = 0, t = 0.25 -> 0.5 (dt = 0.25), a = 0.5:
+    #   the means differ by dt * (1 + a^2 t / (2 t~)) * (v - v_ref) = 0.25 * (1 + 0.125) * 2 = 0.5625
+    #   std^2 = a^2 (1 - t) dt / t~ = 0.25 * 0.75 = 0.1875;  Flow-GRPO's std_dev_t^2 = std^2 / dt = 0.75
+    #   exact     = 0.5625^2 / (2 * 0.1875) = 0.84375
+    #   flow_grpo = 0.5625^2 / (2 * 0.75)   = 0.2109375 = exact * dt
+    x, v, v_ref = torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.tensor([[0.0]])
+    mean, std = sde.sde_mean_std(x, v, 0.25, 0.5, 0.5)
+    mean_ref, _ = sde.sde_mean_std(x, v_ref, 0.25, 0.5, 0.5)
+    assert (mean - mean_ref).item() == pytest.approx(0.5625, abs=1e-7)
+    assert (std**2).item() == pytest.approx(0.1875, abs=1e-7)
+    exact = sde.gaussian_step_kl(mean, mean_ref, std)
+    flow_grpo = sde.gaussian_step_kl(mean, mean_ref, std, convention="flow_grpo", dt=0.25)
+    assert exact.shape == flow_grpo.shape == (1,)
+    assert exact.item() == pytest.approx(0.84375, abs=1e-6)
+    assert flow_grpo.item() == pytest.approx(0.2109375, abs=1e-6)
+
+
+def test_flow_grpo_kl_convention_is_their_kl_loss():
+    """Flow-GRPO's ``scripts/train_sd3.py``, transcribed in their variables: the policy's and the reference's
+    ``prev_sample_mean`` from ``sde_step_with_logprob`` and
+    ``kl_loss = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t ** 2)`` with their
+    ``std_dev_t = a sqrt(sigma / (1 - sigma))`` (no sqrt(dt)); per row before their batch mean."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 4, 4, 4, generator=gen)
+    v, v_ref = torch.randn(3, 4, 4, 4, generator=gen), torch.randn(3, 4, 4, 4, generator=gen)
+    grid = 1 - torch.from_numpy(np.linspace(1, 0, 11).astype(np.float32))
+    a = 0.7
+    for i in (0, 4, 9):
+        t, t_next = grid[i], grid[i + 1]
+        sigma, sigma_prev, sigma_max = 1 - t, 1 - t_next, 1 - grid[1]
+        dt = sigma_prev - sigma
+        std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * a
+
+        def their_mean(their_v, sigma=sigma, dt=dt, std_dev_t=std_dev_t):
+            return x * (1 + std_dev_t**2 / (2 * sigma) * dt) + their_v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+
+        their_kl = ((their_mean(-v) - their_mean(-v_ref)) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t**2)
+
+        mean, std = sde.sde_mean_std(x, v, t, t_next, a)
+        mean_ref, _ = sde.sde_mean_std(x, v_ref, t, t_next, a)
+        ours = sde.gaussian_step_kl(mean, mean_ref, std, convention="flow_grpo", dt=t_next - t)
+        torch.testing.assert_close(ours, their_kl.flatten(), atol=1e-6, rtol=1e-4)
+        exact = sde.gaussian_step_kl(mean, mean_ref, std)
+        torch.testing.assert_close(ours, exact * (t_next - t), atol=1e-7, rtol=1e-5)
+    # per-row times and dt
+    t, t_next = torch.tensor([0.0, 0.3, 0.9]), torch.tensor([0.1, 0.5, 0.95])
+    mean, std = sde.sde_mean_std(x, v, t, t_next, a)
+    mean_ref, _ = sde.sde_mean_std(x, v_ref, t, t_next, a)
+    ours = sde.gaussian_step_kl(mean, mean_ref, std, convention="flow_grpo", dt=t_next - t)
+    torch.testing.assert_close(ours, sde.gaussian_step_kl(mean, mean_ref, std) * (t_next - t))
+
+
+def test_gaussian_step_kl_convention_errors():
+    mean, std = torch.zeros(2, 3), torch.tensor(0.5)
+    with pytest.raises(ValueError, match="needs dt"):
+        sde.gaussian_step_kl(mean, mean + 1, std, convention="flow_grpo")
+    with pytest.raises(ValueError, match="valid: 'exact', 'flow_grpo'"):
+        sde.gaussian_step_kl(mean, mean + 1, std, convention="flowgrpo")

@@ -110,7 +110,7 @@ def test_rollout_images_have_the_configured_size_with_the_worlds_factor_4_vae(tm
         rollout = trainer.rollout(trainer.sampler.next_step(), PhaseTimer())
     finally:
         trainer.close()
-    assert [im.size for im in rollout.images] == [(32, 32)] * 8
+    assert [[im.size for im in chain] for chain in rollout.images] == [[(32, 32)]] * 8
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ def tiny_cfg(tmp_path, *overrides):
 def _advantage_worker(rank, world, port, rewards, group_size, out):
     import torch.distributed as dist
 
-    from rgpo.trainer import global_advantages
+    from rgpo.advantages import global_advantages
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     per_rank = rewards.shape[0] // world
@@ -57,7 +57,7 @@ def test_group_spanning_two_ranks_gets_single_rank_advantages():
 def _dapo_worker(rank, world, port, masks, out):
     import torch.distributed as dist
 
-    from rgpo.trainer import dapo_token_normalizer
+    from rgpo.advantages import dapo_token_normalizer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     out[rank] = dapo_token_normalizer(masks[rank], micro_batches=2).item()
@@ -266,7 +266,7 @@ def test_full_fine_tuning_with_frozen_reference(tmp_path):
     from rgpo.trainer import RGPOTrainer
 
     cfg = tiny_cfg(tmp_path, "trainable.mode=full", "optim.lr=1e-4", "optim.max_steps=2", "checkpoint.every=0",
-                   "logging.mode=disabled", "trainable.train_connector=true")
+                   "logging.mode=disabled", "trainable.full_parts=[connector]")
     trainer = RGPOTrainer(cfg)
     ref_before = {n: p.detach().clone() for n, p in trainer.reference.named_parameters()}
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -284,8 +284,8 @@ def test_full_fine_tuning_with_frozen_reference(tmp_path):
     # The guidance negative is the reference's, also in a process that starts without it cached (a resume):
     # the trained VLM would encode it differently.
     trainer.model.clear_negative_cache()
-    trained, _ = trainer.model.negative_condition(1)
-    reference, _ = trainer.reference.negative_condition(1)
+    trained, _ = trainer.model.negative_states(1)
+    reference, _ = trainer.reference.negative_states(1)
     assert not torch.equal(trained, reference)
     asked = []
     ask_reference = trainer.reference.negative_condition
@@ -302,7 +302,7 @@ def test_lora_run_training_the_connector_keeps_it_as_built_for_the_reference(tmp
     from rgpo.trainer import RGPOTrainer
 
     extra = [f"deepspeed.config={REPO / 'configs' / 'zero3.json'}"] if zero3 else []
-    trainer = RGPOTrainer(tiny_cfg(tmp_path, "trainable.train_connector=true", "optim.max_steps=3",
+    trainer = RGPOTrainer(tiny_cfg(tmp_path, "trainable.full_parts=[connector]", "optim.max_steps=3",
                                    "checkpoint.every=0", "logging.mode=disabled", *extra))
     assert trainer.zero3 == zero3
     states = torch.randn(2, 5, trainer.model.connector.proj.in_features, generator=torch.Generator().manual_seed(0))
@@ -322,7 +322,7 @@ def test_lora_run_training_the_connector_keeps_it_as_built_for_the_reference(tmp
 
 
 def test_full_fine_tuning_of_a_given_model_copies_it_as_the_reference(tmp_path):
-    from rgpo.models.tiny import build_tiny_mindomni
+    from rgpo.models.mindomni.tiny import build_tiny_mindomni
     from rgpo.trainer import RGPOTrainer
 
     given = build_tiny_mindomni(seed=123)  # not the model config's seed
@@ -397,7 +397,8 @@ def test_checkpoint_folder_loads_under_zero3_with_its_weights(tmp_path):
     weights were read, a size-mismatch error); then a step runs."""
     import deepspeed
 
-    from rgpo.trainer import RGPOTrainer, build_model
+    from rgpo.building import build_model
+    from rgpo.trainer import RGPOTrainer
 
     cfg = load_config(REPO / "configs" / "toy_world.yaml", [
         f"logging.output_dir={tmp_path / 'run'}", f"deepspeed.config={REPO / 'configs' / 'zero3.json'}",
@@ -418,7 +419,8 @@ def test_checkpoint_folder_loads_under_zero3_with_its_weights(tmp_path):
 def test_bfloat16_run_keeps_the_vae_float32_and_learns(tmp_path):
     """model.dtype=bfloat16 (the released recipe): DeepSpeed casts every parameter to bf16, the trainer puts the
     VAE's exact float32 weights back, images are drawn, and the bf16 LoRA moves."""
-    from rgpo.trainer import RGPOTrainer, build_model
+    from rgpo.building import build_model
+    from rgpo.trainer import RGPOTrainer
 
     cfg = tiny_cfg(tmp_path, "model.dtype=bfloat16", "optim.max_steps=2", "checkpoint.every=0",
                    "logging.mode=disabled")
@@ -437,7 +439,7 @@ def test_bfloat16_run_keeps_the_vae_float32_and_learns(tmp_path):
 
 def test_random_model_paths(tmp_path):
     """model.path=random:<shape>: random:tiny is the tiny model itself; an unknown shape is named with the key."""
-    from rgpo.trainer import build_model
+    from rgpo.building import build_model
 
     tiny = build_model(tiny_cfg(tmp_path))
     same = build_model(tiny_cfg(tmp_path, "model.path=random:tiny"))

@@ -13,7 +13,12 @@ Reference it from a run config by file path (relative to the working directory),
         - {name: format, weight: 1.0}
         - {name: "rewards/examples/length_penalty.py:length_reward", weight: 0.1, kwargs: {max_words: 200}}
 
-or, since ``rewards`` is an installed package, by dotted path: ``rewards.examples.length_penalty:length_reward``.
+or, since ``rewards`` is an installed package, by dotted path: ``rewards.examples.length_penalty:length_reward``
+(or ``rewards.examples.length_penalty.length_reward``, as TRL's CLI writes it).
+
+Like every reward it is called with keywords (``prompts=``, ``completions=``, ``completion_ids=``, ``images=``
+and each data column), and takes ``**kwargs`` for the ones it does not read: the shape of TRL's reward
+functions, so it runs unchanged in TRL's ``GRPOTrainer`` too.
 """
 
 from __future__ import annotations
@@ -24,14 +29,7 @@ from typing import Any
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
-def length_reward(
-    prompts: list[str],
-    completions: list[str],
-    images: list[Any],
-    min_words: int = 20,
-    max_words: int = 300,
-    **columns: Any,
-) -> list[float | None]:
+def length_reward(completions: list[str], min_words: int = 20, max_words: int = 300, **kwargs: Any) -> list[float | None]:
     """Per completion: 1.0 inside ``[min_words, max_words]`` words of reasoning, less outside, None without ``<think>``."""
     if not 0 < min_words <= max_words:
         raise ValueError(f"need 0 < min_words <= max_words, got min_words={min_words}, max_words={max_words}")

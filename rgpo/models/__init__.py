@@ -1,25 +1,32 @@
-"""Unified reason-then-draw models behind one adapter interface (:class:`UnifiedModel`), and their registry."""
+"""Unified reason-then-draw models behind one pipeline-level interface (:class:`UnifiedModel`), and their
+registry. Each family lives in its own package (``rgpo.models.<family>``); nothing outside it imports it but
+the registry."""
 
 from .base import (
     Completions,
-    DecoderOutput,
+    Condition,
     ForwardOutput,
+    GeneratorOutput,
     ImageSamplingConfig,
+    Part,
     PromptBatch,
     UnifiedModel,
 )
-from .mindomni import MindOmni
-from .registry import MODEL_FAMILIES, get_model_class, load_model
+from .registry import MODEL_FAMILIES, detect_family, get_model_class, in_memory, load_model, resolve_family
 
 __all__ = [
     "MODEL_FAMILIES",
     "Completions",
-    "DecoderOutput",
+    "Condition",
     "ForwardOutput",
+    "GeneratorOutput",
     "ImageSamplingConfig",
-    "MindOmni",
+    "Part",
     "PromptBatch",
     "UnifiedModel",
+    "detect_family",
     "get_model_class",
+    "in_memory",
     "load_model",
+    "resolve_family",
 ]

@@ -1,29 +1,47 @@
-"""The adapter interface between the RGPO trainer and a unified reason-then-draw model.
+"""The pipeline-level interface between rgpo's trainer and a family of unified reason-then-draw models.
 
-A family (MindOmni today) implements :class:`UnifiedModel`; the trainer only calls what is declared here, so a
-new family (BLIP3-o, Nexus-Gen, ...) plugs in without touching the trainer. Register it in
-``rgpo.models.registry``.
+A family (``rgpo/models/<family>/``) subclasses :class:`UnifiedModel` and registers itself in
+:mod:`rgpo.models.registry`; the trainer, the image policy, the CLI and the demo call only what is declared here.
+The seam is the one every family in the README's "Model families" table fits:
 
-Conventions shared by every method:
-- ``N`` is the number of samples (prompts x chains), ``P`` the padded prompt length (LEFT-padded),
-  ``T`` the padded completion length (RIGHT-padded), ``L`` a padded condition length (LEFT-padded),
-  ``D`` the decoder's hidden size, ``C, h, w`` the latent shape.
-- Masks are integer/bool tensors with 1 for real tokens.
+1. **chains**: :meth:`~UnifiedModel.build_prompts` -> :meth:`~UnifiedModel.generate` samples reasoning chains,
+   each ending where the family's image begins (MindOmni ``</answer>`` + newline, Nexus-Gen BOI, BLIP3-o
+   ``[IMG]``, MM-Interleaved soi); ``Completions.image_slots`` says how many image slots a chain holds.
+2. **one forward** over prompt + chain: per-token log-probs and an OPAQUE :class:`Condition` per chain (pre-norm
+   states, prefill states, query states, a Q-Former output: the trainer only selects, repeats and detaches it).
+3. **images**: :meth:`~UnifiedModel.image_inputs` turns a condition (and the family's guidance negative) into the
+   generator's inputs, :meth:`~UnifiedModel.image_sampler` gives the sampler over the family's scheduler
+   (:mod:`rgpo.samplers`; stochastic steps with Gaussian log-probs for the image policy gradient),
+   :meth:`~UnifiedModel.image_prediction` is the guided prediction that sampler integrates, and
+   :meth:`~UnifiedModel.decode_latents` renders pixels (itself a sampler for two-stage families).
+4. **what trains**: the model's parts by name (:attr:`~UnifiedModel.parts`), each with its LoRA targets; the
+   reference is every adapter disabled plus frozen copies of the parts trained in full.
+5. **checkpoints**: the family's released layout in (:meth:`~UnifiedModel.from_pretrained`, detected by
+   :meth:`~UnifiedModel.matches_layout`) and out (:meth:`~UnifiedModel.save_pretrained`); typed options
+   (:attr:`~UnifiedModel.options_class`, the config's ``model.options``).
+
+Conventions: ``N`` samples (prompts x chains), ``P`` padded prompt length (LEFT-padded), ``T`` padded completion
+length (RIGHT-padded); masks are integer/bool tensors with 1 for real tokens. Images are always a list per chain.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from transformers.utils import ModelOutput
 
-from rgpo.sde import SDETrajectory
+from rgpo.samplers import FlowSampler
+from rgpo.sde import Generators, SDETrajectory
 
+# The image regularisers the trainer knows (``loss.image_regularizer``); a family lists those it supports.
+IMAGE_REGULARIZERS = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
 
 @dataclass
 class PromptBatch:
@@ -92,60 +110,112 @@ class Completions:
     """Sampled reasoning chains.
 
     ``completion_mask`` is 1 up to and including the first EOS and 0 after it. ``condition_lengths[i]`` is
-    how many completion tokens belong to the image condition of sample ``i`` (the tokens before ``</answer>``,
-    or every token before EOS when the chain never closed its answer).
+    how many completion tokens of sample ``i`` come before its (first) image slot and so condition its image
+    (the family decides: MindOmni counts the tokens before ``</answer>``). ``image_slots[i]`` is how many images
+    chain ``i`` holds (1 for the families that draw one image at the end of a chain).
     """
 
     completion_ids: torch.Tensor  # (N, T) right-padded
     completion_mask: torch.Tensor  # (N, T)
     texts: list[str]
     condition_lengths: torch.Tensor  # (N,) long
+    image_slots: list[int] | None = None  # None: one image slot per chain
+
+    def slots(self) -> list[int]:
+        """Image slots per chain."""
+        return list(self.image_slots) if self.image_slots is not None else [1] * len(self.texts)
 
     def select(self, rows: list[int]) -> Completions:
         index = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        slots = None if self.image_slots is None else [self.image_slots[r] for r in rows]
         return Completions(self.completion_ids[index], self.completion_mask[index], [self.texts[r] for r in rows],
-                           self.condition_lengths[index])
+                           self.condition_lengths[index], slots)
 
     def to(self, device: torch.device | str) -> Completions:
-        return Completions(
-            self.completion_ids.to(device), self.completion_mask.to(device), self.texts, self.condition_lengths.to(device)
-        )
+        return Completions(self.completion_ids.to(device), self.completion_mask.to(device), self.texts,
+                           self.condition_lengths.to(device), self.image_slots)
 
 
-# The two outputs of the model's engine calls are ModelOutputs (dict-like dataclasses, as transformers models
-# return) because ZeRO-3 hooks the tensors of a module's output only inside tuples, lists and dicts: a plain
-# dataclass hides them, the engine's backward bookkeeping then sees gradients reach the model's inputs without
-# ever reaching its outputs, and asserts ("active_backward_submodules is empty during backward pass").
+# The model's engine-call outputs are ModelOutputs (dict-like dataclasses, as transformers models return) because
+# ZeRO-3 hooks the tensors of a module's output only inside tuples, lists and dicts: a plain dataclass hides them,
+# the engine's backward bookkeeping then sees gradients reach the model's inputs without ever reaching its
+# outputs, and asserts ("active_backward_submodules is empty during backward pass").
+@dataclass
+class Condition(ModelOutput):
+    """What a chain hands its image generator, OPAQUE to the trainer: one row per chain.
+
+    The default is the shape three of the four families share, left-padded states with a mask (MindOmni: the
+    pre-norm states of the conversation, variable length; Nexus-Gen: 81 prefill states; BLIP3-o: 64 query
+    states); a family with another shape subclasses it and overrides these four methods.
+    """
+
+    states: torch.Tensor | None = None  # (N, L, H) left-padded
+    mask: torch.Tensor | None = None  # (N, L)
+
+    @property
+    def num_rows(self) -> int:
+        return self.states.shape[0]
+
+    def select(self, rows: Sequence[int]) -> Condition:
+        """These rows, trimmed to the left padding they need: the exact shapes (and so the exact numbers) of the
+        same rows computed on their own, which keeps policy == reference bit-exact when an adapter is zero."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.states.device)
+        states, mask = self.states[index], self.mask[index]
+        keep = int(mask.sum(1).max()) if mask.numel() else 0
+        return type(self)(states[:, states.shape[1] - keep :], mask[:, mask.shape[1] - keep :])
+
+    def repeat_interleave(self, repeats: int) -> Condition:
+        """Each row ``repeats`` times in place (one row per image of an N x M rollout)."""
+        return type(self)(self.states.repeat_interleave(repeats, 0), self.mask.repeat_interleave(repeats, 0))
+
+    def detach(self) -> Condition:
+        return type(self)(self.states.detach(), self.mask)
+
+    def with_gradient_of(self, other: Condition) -> Condition:
+        """This condition's VALUE with ``other``'s gradient path (same shape): the image loss replays the
+        recorded condition exactly (on-policy ratio 1) while its gradient still reaches the language model."""
+        if other.states.shape != self.states.shape:
+            raise ValueError(f"the update's condition {tuple(other.states.shape)} does not match the recorded one "
+                             f"{tuple(self.states.shape)} of the same chains")
+        return type(self)(self.states + (other.states - other.states.detach()), self.mask)
+
+
 @dataclass
 class ForwardOutput(ModelOutput):
     """What one forward over ``prompt + completion`` gives the trainer.
 
     ``logps[i, j]`` is log p(completion_ids[i, j] | everything before it); positions where the completion mask
-    is 0 hold arbitrary finite values. ``condition`` / ``condition_mask`` are the decoder's conditioning inputs
-    BEFORE the connector: the VLM's last-layer PRE-norm hidden states at the prompt tokens plus the first
-    ``condition_lengths[i]`` completion tokens (plus any suffix the family's decoder was trained with, e.g.
-    MindOmni's closing newline), re-packed LEFT-padded. ``None`` when not asked for.
-    ``entropy[i, j]`` is the entropy of the policy's next-token distribution at ``logps[i, j]``'s position,
-    detached (a diagnostic; ``None`` when the family does not compute it).
+    is 0 hold arbitrary finite values. ``condition`` is the chains' :class:`Condition` (None when not asked
+    for). ``entropy[i, j]`` is the entropy of the policy's next-token distribution at ``logps[i, j]``'s
+    position, detached (a diagnostic; None when the family does not compute it).
     """
 
-    logps: torch.Tensor  # (N, T) float32
-    condition: torch.Tensor | None = None  # (N, L, H_vlm)
-    condition_mask: torch.Tensor | None = None  # (N, L)
+    logps: torch.Tensor | None = None  # (N, T) float32
+    condition: Condition | None = None
     entropy: torch.Tensor | None = None  # (N, T) float32, detached
 
 
 @dataclass
-class ImageSamplingConfig:
-    """How images are drawn from the decoder.
+class GeneratorOutput(ModelOutput):
+    """One unguided evaluation of the image generator: its ``prediction`` (float32, in its sampler's
+    parameterisation) and, when asked, ``features`` (N, layers, tokens, D): every block's hidden states at the
+    image positions, for the layer-wise feature KL."""
 
-    ``noise_level > 0`` switches on SDE sampling (Flow-GRPO's SDE for the decoder's rectified flow, see
-    :mod:`rgpo.sde`) for the image-side policy gradient: the stochastic steps draw ``x_next ~ N(mean, std^2)``
-    and record their log-probs, and ``sample_latents`` returns an :class:`~rgpo.sde.SDETrajectory`. Every step
-    is stochastic unless ``sde_window`` picks ``K`` consecutive ones (Flow-GRPO-Fast), starting at
-    ``sde_window_start`` or, when that is None, at a start drawn uniformly so that the window stays inside
-    ``sde_window_range`` (a half-open range of step indices; None: all steps). ``noise_level == 0`` (the
-    default) is the deterministic Euler sampler, bit for bit, and ignores the window fields.
+    prediction: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+
+@dataclass
+class ImageSamplingConfig:
+    """How images are drawn.
+
+    ``noise_level > 0`` switches on stochastic sampling for the image-side policy gradient: the stochastic steps
+    draw ``x_next ~ N(mean, std^2)`` (Flow-GRPO's SDE for flow families, the ancestral step for epsilon ones) and
+    record their log-probs; sampling then returns an :class:`~rgpo.sde.SDETrajectory`. Every step is stochastic
+    unless ``sde_window`` picks ``K`` consecutive ones (Flow-GRPO-Fast), starting at ``sde_window_start`` or,
+    when that is None, at a start drawn uniformly so that the window stays inside ``sde_window_range`` (a
+    half-open range of step indices; None: all steps). ``noise_level == 0`` (the default) is the deterministic
+    sampler, bit for bit, and ignores the window fields.
     """
 
     height: int = 512
@@ -154,26 +224,14 @@ class ImageSamplingConfig:
     guidance_scale: float = 3.0
     seed: int = 42
     shared_noise: bool = True  # one initial noise per group (MindOmni); False: one per sample
-    noise_level: float = 0.0  # Flow-GRPO's a (they use 0.7); 0: deterministic Euler
+    noise_level: float = 0.0  # Flow-GRPO's a (they use 0.7); 0: deterministic
     sde_window: int | None = None  # K stochastic steps; None: every step
     sde_window_start: int | None = None  # first stochastic step; None: drawn from the SDE generator
     sde_window_range: tuple[int, int] | None = None  # where a drawn window may lie; None: (0, steps)
 
 
-@dataclass
-class DecoderOutput(ModelOutput):
-    """Decoder outputs for given condition, latents and t.
-
-    ``features`` stacks every layer's input hidden states at the output-image token positions plus the final
-    normed output: (N, num_layers + 1, num_image_tokens, D). ``velocity`` is the predicted velocity (N, C, h, w).
-    """
-
-    velocity: torch.Tensor
-    features: torch.Tensor | None = None
-
-
 @contextmanager
-def decoder_adapters_disabled(module: torch.nn.Module | None) -> Iterator[None]:
+def injected_adapters_disabled(module: torch.nn.Module | None) -> Iterator[None]:
     """Disable every peft LoRA layer injected into ``module`` (``inject_adapter_in_model``, which has no
     ``disable_adapter`` context) for the block. Only the layers' own switch is flipped (not ``requires_grad``,
     which ``enable_adapters`` would reset), and restored on exit."""
@@ -192,14 +250,36 @@ def decoder_adapters_disabled(module: torch.nn.Module | None) -> Iterator[None]:
             m._disable_adapters = flag
 
 
+@dataclass
+class Part:
+    """One named part of a family's model: the attribute holding it, what it is, and its default LoRA targets
+    (module-name suffixes inside it; None: every ``nn.Linear`` the family's :meth:`UnifiedModel.lora_targets`
+    lists)."""
+
+    attribute: str
+    description: str
+    lora_targets: tuple[str, ...] | None = None
+
+
 class UnifiedModel(torch.nn.Module):
-    """A VLM that reasons, a connector, a diffusion decoder and a VAE, as ONE module.
+    """A model that reasons, then draws, as ONE module (so DeepSpeed wraps, partitions (ZeRO-3) and checkpoints
+    every part together). Subclasses fill in the class attributes and the methods that raise here."""
 
-    One module so that DeepSpeed wraps, partitions (ZeRO-3) and checkpoints everything together. Which
-    parameters are trainable is decided by the trainer (LoRA through peft on ``vlm``'s language model by default).
-    """
+    family: ClassVar[str] = "base"
+    """The registry name (``model.family``)."""
+    parts: ClassVar[dict[str, Part]] = {}
+    """Every part by name. Two names are required: ``language_model`` (what samples the chains) and
+    ``generator`` (what the image sampler integrates, and the image policy gradient trains)."""
+    layout: ClassVar[dict[str, str]] = {}
+    """The released checkpoint folder: relative path -> what it holds (for detection and error messages)."""
+    options_class: ClassVar[type | None] = None
+    """The dataclass of the family's typed options (``model.options`` in the config), docstring per field."""
+    supported_regularizers: ClassVar[tuple[str, ...]] = ("gaussian_kl", "none")
+    """Which of :data:`IMAGE_REGULARIZERS` the family can compute."""
+    random_shapes: ClassVar[tuple[str, ...]] = ()
+    """Names accepted by ``model.path: random:<shape>`` (random weights at a named size)."""
 
-    family: str = "base"
+    running_as_reference = False  # True inside adapter_disabled(): parts kept as frozen copies use the copy
 
     def forward(self, method: str, *args, **kwargs):
         """Dispatch to one of the methods below. The trainer calls the DeepSpeed engine as
@@ -207,145 +287,275 @@ class UnifiedModel(torch.nn.Module):
         (ZeRO-3 parameter fetching and bookkeeping) while the model keeps several entry points."""
         return getattr(self, method)(*args, **kwargs)
 
-    # -- text side ------------------------------------------------------------------------------------------------
-    def build_prompts(self, rows: list[dict[str, Any]]) -> PromptBatch:
-        """Chat-template prompts from data rows: ``row["prompt"]`` is the instruction text, ``row.get("images")``
-        an optional list of PIL images that reach the VLM's vision tower."""
-        raise NotImplementedError
-
-    def generate(
-        self,
-        prompts: PromptBatch,
-        *,
-        num_generations: int,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        generator: torch.Generator | None = None,
-    ) -> Completions:
-        """Sample ``num_generations`` chains per prompt row; rows of the result are grouped (p0 x G, p1 x G, ...)."""
-        raise NotImplementedError
-
-    def forward_text(
-        self, prompts: PromptBatch, completions: Completions, *, with_condition: bool = True
-    ) -> ForwardOutput:
-        """ONE forward over ``prompt + completion``: per-token log-probs and (optionally) the condition states.
-
-        ``prompts`` has one row per completion (already repeated). Never materialises a full-vocabulary
-        log-softmax for the whole batch."""
-        raise NotImplementedError
-
-    def negative_condition(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-norm hidden states of the fixed negative prompt (no reasoning), repeated ``num`` times:
-        ``(condition (num, L, H_vlm), mask (num, L))``. Used for classifier-free guidance."""
-        raise NotImplementedError
-
-    # -- image side -----------------------------------------------------------------------------------------------
-    def connect(self, condition: torch.Tensor, condition_mask: torch.Tensor) -> torch.Tensor:
-        """The connector: VLM states (N, L, H_vlm) -> decoder condition embeddings (N, L, D)."""
-        raise NotImplementedError
-
-    def decode_step(
-        self,
-        cond_embeds: torch.Tensor,
-        cond_mask: torch.Tensor,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        return_features: bool = False,
-    ) -> DecoderOutput:
-        """One decoder evaluation: velocity at (latents, t) given the condition; ``t`` (N,) with 0 = noise."""
-        raise NotImplementedError
-
-    def guided_velocity(
-        self,
-        embeds: torch.Tensor,
-        mask: torch.Tensor,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        guidance_scale: float = 1.0,
-        *,
-        cache: Any = None,
-    ) -> torch.Tensor:
-        """The float32 velocity ``sample_latents`` integrates at (``x``, ``t``): with ``guidance_scale != 1``,
-        ``embeds``/``mask`` hold the N condition rows then the N negative rows, run as one batch, and
-        ``v = v_neg + g (v_cond - v_neg)``. The image policy gradient recomputes its SDE log-probs with it."""
-        raise NotImplementedError
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of the decoder's latents for an image of ``height`` x ``width`` pixels."""
-        raise NotImplementedError
-
-    def initial_noise(self, num: int, group_size: int, cfg: ImageSamplingConfig, device=None) -> torch.Tensor:
-        """Seeded initial latents (num, C, h, w); shared within each group of ``group_size`` when
-        ``cfg.shared_noise``."""
-        raise NotImplementedError
-
-    def sample_latents(
-        self,
-        cond_embeds: torch.Tensor,
-        cond_mask: torch.Tensor,
-        neg_embeds: torch.Tensor | None,
-        neg_mask: torch.Tensor | None,
-        noise: torch.Tensor,
-        cfg: ImageSamplingConfig,
-        *,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    ) -> torch.Tensor | SDETrajectory:
-        """Flow-matching sampling from ``noise`` (t: 0 -> 1) with classifier-free guidance (``neg_embeds`` None or
-        guidance 1: unguided).
-
-        ``cfg.noise_level == 0``: deterministic Euler; returns the final latents (N, C, h, w) float32.
-        ``cfg.noise_level > 0``: SDE steps where ``cfg`` says (:mod:`rgpo.sde`), with the guided velocity, their
-        noise drawn from ``generator`` (one CPU generator, or one per row so that a row's noise does not depend
-        on the batch; None: derived from ``cfg.seed``); returns an :class:`~rgpo.sde.SDETrajectory` (final
-        latents, the latents before and after each stochastic step, their fp32 log-probs and times)."""
-        raise NotImplementedError
-
-    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
-        """VAE decode (fp32) to PIL images."""
-        raise NotImplementedError
-
-    # -- what trains ----------------------------------------------------------------------------------------------
-    running_as_reference = False  # True inside adapter_disabled(): parts kept as a frozen copy use the copy
-
-    @contextmanager
-    def adapter_disabled(self) -> Iterator[None]:
-        """Run as the reference: the VLM's peft adapter and any LoRA injected into the decoder
-        (``trainable.decoder_lora_r``) disabled (a no-op for parts that carry none), and a part trained in full
-        beside the adapter (the connector) replaced by the copy :meth:`keep_reference_connector` made."""
-        self.running_as_reference = True
-        try:
-            with decoder_adapters_disabled(getattr(self, "decoder", None)):
-                if hasattr(self.vlm, "disable_adapter"):
-                    with self.vlm.disable_adapter():
-                        yield
-                else:
-                    yield
-        finally:
-            self.running_as_reference = False
-
-    def keep_reference_connector(self, gathered: Callable[[list[torch.nn.Parameter]], Any] | None = None) -> None:
-        """Keep a frozen copy of the connector's current weights for :meth:`adapter_disabled` to run: a LoRA run
-        that also trains the connector in full has no adapter to switch off there. ``gathered(params)`` is a
-        context that makes partitioned (ZeRO-3) weights whole while they are copied."""
-        raise NotImplementedError(f"{type(self).__name__} cannot keep a frozen reference connector")
-
-    def float32_modules(self) -> list[str]:
-        """Names of submodules whose weights stay float32 whatever the run's dtype (MindOmni: the VAE). DeepSpeed
-        casts every parameter to bf16/fp16; the trainer puts these back afterwards."""
-        return []
-
-    def language_model_lora_targets(self) -> list[str]:
-        """Module names for the default LoRA (the VLM's language model and lm_head, never the vision tower)."""
-        raise NotImplementedError
-
-    # -- checkpoints ----------------------------------------------------------------------------------------------
+    # -- checkpoints and construction -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> UnifiedModel:
+    def matches_layout(cls, path: str) -> bool:
+        """Whether the folder ``path`` is in this family's released layout (every :attr:`layout` entry there)."""
+        import os
+
+        return bool(cls.layout) and all(os.path.exists(os.path.join(path, rel)) for rel in cls.layout)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, options: Any = None,
+                        **kwargs) -> UnifiedModel:
+        """Load the released layout at ``path``."""
         raise NotImplementedError
 
     def save_pretrained(self, path: str) -> None:
+        """Write the released layout (adapters must be merged first: :meth:`merge_adapters`)."""
         raise NotImplementedError
 
+    @classmethod
+    def build_tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, options: Any = None) -> UnifiedModel:
+        """A tiny random model built in memory (tests, smoke runs)."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_random(cls, shape: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str | None = None, options: Any = None) -> UnifiedModel:
+        """Random weights in one of :attr:`random_shapes` (``"meta"`` allocates nothing)."""
+        raise ValueError(f"family {cls.family!r} has no random shapes")
+
+    @classmethod
+    def language_hidden_size(cls, path: str | None) -> int | None:
+        """The language model's hidden size, read without loading the model (it sizes ZeRO's communication
+        buckets, as transformers' DeepSpeed integration does); None when unknown."""
+        return None
+
+    def apply_options(self, options: Any) -> None:
+        """Take the typed options (an instance of :attr:`options_class`)."""
+        self.options = options
+
+    # -- parts and what trains ----------------------------------------------------------------------------------
+    def part(self, name: str) -> torch.nn.Module:
+        """The module of part ``name``; as the reference, the frozen copy :meth:`keep_reference_copies` made."""
+        if name not in self.parts:
+            raise KeyError(f"family {self.family!r} has no part {name!r}; its parts: {sorted(self.parts)}")
+        frozen = self.__dict__.get("_reference_copies", {}).get(name)
+        if frozen is not None and self.running_as_reference:
+            return frozen
+        return getattr(self, self.parts[name].attribute)
+
+    def set_part(self, name: str, module: torch.nn.Module) -> None:
+        """Replace part ``name`` (e.g. by its peft-wrapped self)."""
+        setattr(self, self.parts[name].attribute, module)
+
+    def lora_targets(self, name: str) -> list[str]:
+        """Module-name suffixes inside part ``name`` that a LoRA on it wraps: the part's declared targets, else
+        every ``nn.Linear`` in it (peft's own LoRA layers excluded)."""
+        declared = self.parts[name].lora_targets
+        if declared is not None:
+            return list(declared)
+        module = self.part(name)
+        if hasattr(module, "get_base_model"):
+            module = module.get_base_model()
+        names = []
+        for full, sub in module.named_modules():
+            if isinstance(sub, torch.nn.Linear) and not any(p.startswith("lora_") for p in full.split(".")):
+                names.append(full.removesuffix(".base_layer"))
+        return sorted(set(names))
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Activation checkpointing in the parts that support it."""
+
+    def float32_modules(self) -> list[str]:
+        """Submodule names whose weights stay float32 whatever the run's dtype (e.g. a VAE). DeepSpeed casts every
+        parameter to bf16/fp16; the trainer puts these back afterwards."""
+        return []
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run as the reference: every peft adapter of every part disabled (a wrapped part's
+        ``disable_adapter()``, LoRA layers injected into a part switched off), and the parts trained in full
+        replaced by the frozen copies :meth:`keep_reference_copies` made."""
+        self.running_as_reference = True
+        try:
+            with _all_adapters_disabled([getattr(self, p.attribute, None) for p in self.parts.values()]):
+                yield
+        finally:
+            self.running_as_reference = False
+
+    def keep_reference_copies(self, names: Sequence[str],
+                              gathered: Callable[[list[torch.nn.Parameter]], Any] | None = None) -> None:
+        """Keep frozen copies of the parts ``names`` as they are now, for :meth:`adapter_disabled`: a LoRA run
+        that also trains a part in full has no adapter to switch off there. ``gathered(params)`` is a context that
+        makes partitioned (ZeRO-3) weights whole while they are copied."""
+        copies = self.__dict__.setdefault("_reference_copies", {})
+        for name in names:
+            source = getattr(self, self.parts[name].attribute)
+            frozen = self.empty_part_copy(name)
+            frozen.to_empty(device=next(source.parameters()).device if not _partitioned(source) else _device(self))
+            with gathered(list(source.parameters())) if gathered is not None else nullcontext():
+                whole = {**dict(source.named_parameters()), **dict(source.named_buffers())}  # buffers: never split
+                for key, tensor in [*frozen.named_parameters(), *frozen.named_buffers()]:
+                    tensor.data = whole[key].detach().clone()
+            frozen.requires_grad_(False).eval()
+            # Outside the module tree on purpose: not trained, not partitioned by ZeRO-3, not in checkpoints (a
+            # resume rebuilds it from model.path, which still holds the part as it was before training).
+            copies[name] = frozen
+
+    def empty_part_copy(self, name: str) -> torch.nn.Module:
+        """A module of part ``name``'s structure on the meta device (weights copied in afterwards). The default
+        deep-copies the structure; families whose parts ZeRO-3 may partition build it from their config."""
+        source = getattr(self, self.parts[name].attribute)
+        if _partitioned(source):
+            raise NotImplementedError(f"family {self.family!r} cannot copy its partitioned part {name!r}")
+        return copy.deepcopy(source).to("meta")
+
+    def merge_adapters(self) -> None:
+        """Fold every LoRA into its base weights and drop the adapter modules (for sampling and export)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, spec in self.parts.items():
+            module = getattr(self, spec.attribute, None)
+            if module is None:
+                continue
+            if hasattr(module, "merge_and_unload"):
+                self.set_part(name, module.merge_and_unload())
+                continue
+            for parent in list(module.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if isinstance(child, BaseTunerLayer):
+                        child.merge()
+                        setattr(parent, child_name, child.get_base_layer())
+
+    # -- chains -------------------------------------------------------------------------------------------------
+    def build_prompts(self, rows: list[dict[str, Any]]) -> PromptBatch:
+        """Prompts from data rows: ``row["prompt"]`` is the instruction text (or a list of chat messages),
+        ``row.get("images")`` an optional list of PIL images for the family's vision input."""
+        raise NotImplementedError
+
+    def generate(self, prompts: PromptBatch, *, num_generations: int, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> Completions:
+        """Sample ``num_generations`` chains per prompt row; rows of the result are grouped (p0 x G, p1 x G, ...)."""
+        raise NotImplementedError
+
+    def forward_text(self, prompts: PromptBatch, completions: Completions, *,
+                     with_condition: bool = True) -> ForwardOutput:
+        """ONE forward over ``prompt + completion``: per-token log-probs and (optionally) the chains' condition.
+        ``prompts`` has one row per completion (already repeated)."""
+        raise NotImplementedError
+
+    # -- images -------------------------------------------------------------------------------------------------
+    def negative_condition(self, num: int) -> Condition | None:
+        """The guidance negative as a condition of ``num`` rows (a negative prompt through the reference
+        language model, an all-zero condition, ...); None when the family's negative lives inside
+        :meth:`image_inputs` (a constant text-encoder output, a learned embedding). Never trained: computed as
+        the reference."""
+        return None
+
+    def image_inputs(self, condition: Condition, negative: Condition | None, *, guidance_scale: float = 1.0,
+                     exact: bool = False) -> Any:
+        """The generator's inputs for these conditions (connector / adapter / projection applied; with guidance,
+        the negative rows batched with the condition rows). ``exact``: the path the image policy replays (no
+        approximate cache), so sampling and recomputation match bit for bit. Opaque to the trainer."""
+        raise NotImplementedError
+
+    def image_prediction(self, inputs: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The float32 guided prediction the sampler integrates, at latents ``x`` and time ``t`` (the sampler's
+        own time: 0-dim or (N,))."""
+        raise NotImplementedError
+
+    def generator_output(self, inputs: Any, x: torch.Tensor, t: torch.Tensor, *,
+                         return_features: bool = False) -> GeneratorOutput:
+        """One UNGUIDED generator evaluation (inputs built with guidance 1): for the feature KL / velocity MSE."""
+        raise NotImplementedError
+
+    def regularizer_times(self, num: int, generator: torch.Generator) -> torch.Tensor:
+        """(num,) times at which the feature KL / velocity MSE compare policy and reference, drawn as the family's
+        release does; the default: uniform on [0, 1)."""
+        return torch.rand(num, generator=generator)
+
+    def image_sampler(self, cfg: ImageSamplingConfig) -> FlowSampler:
+        """The family's sampler for ``cfg.steps`` steps (its scheduler's times; see :mod:`rgpo.samplers`)."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one image's initial noise for ``height`` x ``width`` pixels."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_image_size(cls, height: int, width: int) -> str | None:
+        """None when images of this size can be drawn, else what is valid (e.g. "a multiple of 16"); checked
+        before any model is built."""
+        return None
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype the initial noise is handed to the generator in."""
+        return next(self.part("generator").parameters()).dtype
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Final latents -> PIL images (a VAE, or a second sampler for two-stage families)."""
+        raise NotImplementedError
+
+    # -- the image pipeline, for every family -------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_image_latents(self, inputs: Any, noise: torch.Tensor, cfg: ImageSamplingConfig, *,
+                             generator: Generators = None, default_seed: int | None = None) -> SDETrajectory:
+        """Run :meth:`image_sampler` from ``noise`` with :meth:`image_prediction`: the deterministic sampler when
+        ``cfg.noise_level == 0`` (nothing recorded), else stochastic steps where ``cfg`` says, their noise from
+        ``generator`` (one CPU generator, or one per row so a row's noise does not depend on its batch; None:
+        seeded with ``default_seed``, else ``cfg.seed``)."""
+        sampler = self.image_sampler(cfg)
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.image_prediction(inputs, x, t)
+
+        if cfg.noise_level == 0:
+            return sampler.sample(predict, noise)
+        if generator is None:
+            generator = torch.Generator().manual_seed(cfg.seed if default_seed is None else default_seed)
+        stochastic = sampler.window(cfg.sde_window, cfg.sde_window_start, cfg.sde_window_range, generator)
+        return sampler.sample(predict, noise, noise_level=cfg.noise_level, stochastic=stochastic,
+                              generator=generator)
+
+    @torch.no_grad()
+    def draw(self, condition: Condition, noise: torch.Tensor, cfg: ImageSamplingConfig, *,
+             negative_from: UnifiedModel | None = None) -> list[Image.Image]:
+        """One deterministic image per condition row from ``noise``: inputs with the guidance negative (computed
+        by ``negative_from``, the trainer's reference, else by this model as its reference), the sampler, the
+        decode."""
+        guided = cfg.guidance_scale != 1.0
+        negative = (negative_from or self).negative_condition(condition.num_rows) if guided else None
+        inputs = self.image_inputs(condition, negative, guidance_scale=cfg.guidance_scale)
+        latents = self.sample_image_latents(inputs, noise, dataclasses.replace(cfg, noise_level=0.0)).latents
+        return self.decode_latents(latents)
+
+    def initial_noise(self, num: int, group_size: int, cfg: ImageSamplingConfig, device=None) -> torch.Tensor:
+        """Standard normal latents (num, ...) from a CPU generator seeded with ``cfg.seed`` (device independent);
+        one draw per group of ``group_size`` rows when ``cfg.shared_noise``, else one per row."""
+        if group_size < 1 or num % group_size:
+            raise ValueError(f"num ({num}) must be a positive multiple of group_size ({group_size})")
+        shape = self.latent_shape(cfg.height, cfg.width)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        if cfg.shared_noise:
+            noise = torch.randn((num // group_size, *shape), generator=gen).repeat_interleave(group_size, 0)
+        else:
+            noise = torch.randn((num, *shape), generator=gen)
+        return noise.to(device if device is not None else _device(self))
+
+
+def _partitioned(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@contextmanager
+def _all_adapters_disabled(modules: Sequence[torch.nn.Module | None]) -> Iterator[None]:
+    """Every module's adapters off: a peft-wrapped module through its own ``disable_adapter()``, LoRA layers
+    injected into a plain module through their switches."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for module in modules:
+            if module is None:
+                continue
+            if hasattr(module, "disable_adapter") and hasattr(module, "get_base_model"):
+                stack.enter_context(module.disable_adapter())
+            else:
+                stack.enter_context(injected_adapters_disabled(module))
+        yield

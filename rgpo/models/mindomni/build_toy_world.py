@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rgpo import toyworld as world  # noqa: E402
 from rgpo.models.mindomni import MindOmni, cat_left_padded  # noqa: E402
-from rgpo.models.tiny import build_tiny_mindomni  # noqa: E402
+from rgpo.models.mindomni.tiny import build_tiny_mindomni  # noqa: E402
 
 SIZES = dict(
     vlm_hidden=96, vlm_layers=3, vlm_heads=4, vlm_kv_heads=2, vlm_intermediate=192, vision_hidden=32,

@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from .connector import MindOmniConnector, phi3_config_from_dict
-from .mindomni import INSTRUCTION_PREFIX, NEGATIVE_PROMPT, SYSTEM_PROMPT
 from .omnigen import decoder_kwargs_from_v1, diffusers_to_omnigen_v1, omnigen_v1_to_diffusers
+from .options import INSTRUCTION_PREFIX, NEGATIVE_PROMPT, SYSTEM_PROMPT
 
 if TYPE_CHECKING:
-    from .mindomni import MindOmni
+    from .modeling import MindOmni
 
 LAYOUT = {
     "mllm/config.json": "the Qwen2.5-VL folder (HF format, with processor files)",

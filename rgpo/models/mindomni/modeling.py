@@ -13,8 +13,8 @@ reference model.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,27 +23,33 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
 
 from rgpo.distributed import any_rank
-from rgpo.sde import SDETrajectory, random_window_start, sample_flow, stochastic_steps
+from rgpo.samplers import FlowSampler
+from rgpo.sde import SDETrajectory
 
-from .base import Completions, DecoderOutput, ForwardOutput, ImageSamplingConfig, PromptBatch, UnifiedModel
+from ..base import (
+    Completions,
+    Condition,
+    ForwardOutput,
+    GeneratorOutput,
+    ImageSamplingConfig,
+    Part,
+    PromptBatch,
+    UnifiedModel,
+)
+from .checkpoint import LAYOUT
 from .connector import MindOmniConnector
-from .omnigen import build_condition_cache, decoder_forward, decoder_forward_cached, num_image_tokens
+from .omnigen import (
+    ConditionCache,
+    build_condition_cache,
+    decoder_forward,
+    decoder_forward_cached,
+    num_image_tokens,
+)
+from .options import INSTRUCTION_PREFIX, NEGATIVE_PROMPT, SYSTEM_PROMPT, MindOmniOptions
 
-SYSTEM_PROMPT = (
-    "You are a helpful assistant. When the user requests an image, the assistant first thinks about the "
-    "reasoning process in the mind and then provides the user with concise prompt as the answer. The reasoning "
-    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
-    "<think> reasoning process here </think><answer> answer here </answer>."
-)
-INSTRUCTION_PREFIX = "Generate an image according to the following instructions\n"
-NEGATIVE_PROMPT = (
-    "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, poorly drawn hands, "
-    "poorly drawn face, deformed, blurry, bad anatomy, bad proportions, extra limbs, cloned face, disfigured, "
-    "gross proportions, malformed limbs, missing arms, missing legs, extra arms, extra legs, fused fingers, "
-    "too many fingers, long neck"
-)
 ANSWER_CLOSE = "</answer>"
 # MindOmni conditions its decoder (stage-2 training and RGPO alike) on the chat-templated conversation with the
 # assistant turn cut before ``</answer>`` and its end-of-turn replaced by this newline.
@@ -53,6 +59,18 @@ EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 BANNED_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 SDE_SEED_OFFSET = 0x5DE  # the default SDE-noise generator is seeded with cfg.seed + this (initial noise: cfg.seed)
+IMAGE_KL_GRID = 51  # MindOmni draws the image-KL timestep uniformly from linspace(0, 1, 51)
+
+
+@dataclass
+class DecoderInputs(ModelOutput):
+    """The OmniGen decoder's inputs for a batch of conditions: connected embeddings and mask (the N condition
+    rows, then the N negative rows when ``guidance`` != 1), and the condition KV cache when sampling may use it."""
+
+    embeds: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    guidance: float | None = None  # None: unguided (ModelOutput fields after the first must default to None)
+    cache: ConditionCache | None = None
 
 
 class MindOmni(UnifiedModel):
@@ -67,6 +85,17 @@ class MindOmni(UnifiedModel):
     """
 
     family = "mindomni"
+    parts = {
+        "language_model": Part("vlm", "Qwen2.5-VL (LoRA targets: every Linear outside the vision tower)"),
+        "connector": Part("connector", "Linear(H_vlm -> 3072) + two causal Phi-3 layers"),
+        "generator": Part("decoder", "OmniGen-v1 decoder (Phi-3 blocks, velocity, t = 0 noise)",
+                          ("to_q", "to_k", "to_v", "to_out.0")),
+        "vae": Part("vae", "SDXL AutoencoderKL, float32"),
+    }
+    layout = LAYOUT
+    options_class = MindOmniOptions
+    supported_regularizers = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
+    random_shapes = ("tiny", "mindomni-7b")
 
     def __init__(
         self,
@@ -130,16 +159,71 @@ class MindOmni(UnifiedModel):
             self.vlm.gradient_checkpointing_disable()
             self.decoder.disable_gradient_checkpointing()
 
-    def language_model_lora_targets(self) -> list[str]:
-        """Full names (relative to ``self.vlm``'s HF model) of every Linear outside the vision tower, lm_head
-        included: MindOmni's RGPO LoRA targets. Works before and after peft wrapping."""
+    def lora_targets(self, name: str) -> list[str]:
+        """The language model: full names (relative to ``self.vlm``'s HF model) of every Linear outside the
+        vision tower, lm_head included (MindOmni's RGPO LoRA targets; before and after peft wrapping). Other
+        parts: :meth:`UnifiedModel.lora_targets`."""
+        if name != "language_model":
+            return super().lora_targets(name)
         names = []
-        for name, module in self.hf_vlm().named_modules():
-            if "visual" in name:
+        for full, module in self.hf_vlm().named_modules():
+            if "visual" in full:
                 continue
-            if isinstance(module, nn.Linear) and not any(p.startswith("lora_") for p in name.split(".")):
-                names.append(name.removesuffix(".base_layer"))
+            if isinstance(module, nn.Linear) and not any(p.startswith("lora_") for p in full.split(".")):
+                names.append(full.removesuffix(".base_layer"))
         return sorted(set(names))
+
+    def apply_options(self, options: MindOmniOptions | None) -> None:
+        """Take ``model.options``: prompts left None keep the checkpoint's (``prompts.json``) or MindOmni's."""
+        options = options if options is not None else MindOmniOptions()
+        self.options = options
+        for key in ("system_prompt", "instruction_prefix", "negative_prompt"):
+            if getattr(options, key) is not None:
+                setattr(self, key, getattr(options, key))
+                self.clear_negative_cache()
+        for key in ("decoder_kv_cache", "vae_batch_size", "logprob_chunk_size", "synced_generation"):
+            setattr(self, key, getattr(options, key))
+
+    @classmethod
+    def check_image_size(cls, height: int, width: int) -> str | None:
+        if height <= 0 or width <= 0 or height % 16 or width % 16:
+            return "a positive multiple of 16: the VAE downsamples by 8 and the decoder patches by 2"
+        return None
+
+    @classmethod
+    def build_tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, options=None) -> MindOmni:
+        from .tiny import build_tiny_mindomni
+
+        model = build_tiny_mindomni(seed=seed, dtype=dtype)
+        model.apply_options(options)
+        return model
+
+    @classmethod
+    def build_random(cls, shape: str, seed: int = 0, dtype: torch.dtype = torch.float32, device=None,
+                     options=None) -> MindOmni:
+        from .tiny import build_random_mindomni
+
+        model = build_random_mindomni(shape, seed=seed, dtype=dtype, device=device)
+        model.apply_options(options)
+        return model
+
+    @classmethod
+    def language_hidden_size(cls, path: str | None) -> int | None:
+        """From ``mllm/config.json`` (a folder) or the named random shape."""
+        import json
+        import os
+
+        if path in (None, "", "tiny") or str(path).startswith("random:"):
+            from .tiny import RANDOM_SHAPES
+
+            shape = "tiny" if path in (None, "", "tiny") else str(path).split(":", 1)[1]
+            return RANDOM_SHAPES.get(shape, {}).get("vlm_hidden", 64 if shape == "tiny" else None)
+        config_file = os.path.join(path, "mllm", "config.json")
+        if not os.path.isfile(config_file):
+            return None
+        with open(config_file) as f:
+            config = json.load(f)
+        return (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
 
     # -- prompts --------------------------------------------------------------------------------------------------
     def chat_messages(self, instruction: str, num_images: int = 0) -> list[dict[str, Any]]:
@@ -482,10 +566,14 @@ class MindOmni(UnifiedModel):
         selected = torch.cat([prompts.attention_mask.bool(), completion_part, torch.ones_like(suffix, dtype=torch.bool)],
                              dim=1)
         condition, cond_mask = pack_left(states, selected)
-        return ForwardOutput(logps, condition, cond_mask, entropy)
+        return ForwardOutput(logps, Condition(condition, cond_mask), entropy)
+
+    def negative_condition(self, num: int) -> Condition:
+        """The negative prompt's states as a :class:`~rgpo.models.base.Condition` (see :meth:`negative_states`)."""
+        return Condition(*self.negative_states(num))
 
     @torch.no_grad()
-    def negative_condition(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def negative_states(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm states of the chat-templated negative prompt (no reasoning), repeated ``num`` times.
 
         Computed once with the adapter DISABLED (the reference VLM) and cached, so toggling or training the
@@ -511,27 +599,17 @@ class MindOmni(UnifiedModel):
     # -- image side -----------------------------------------------------------------------------------------------
     def connect(self, condition: torch.Tensor, condition_mask: torch.Tensor) -> torch.Tensor:
         """VLM states (N, L, H_vlm) -> decoder condition embeddings (N, L, D); as the reference, through the frozen
-        copy when :meth:`keep_reference_connector` made one."""
-        frozen = self.__dict__.get("reference_connector")
-        connector = frozen if frozen is not None and self.running_as_reference else self.connector
-        return connector(condition, condition_mask)
+        copy when :meth:`~rgpo.models.base.UnifiedModel.keep_reference_copies` made one."""
+        return self.part("connector")(condition, condition_mask)
 
-    def keep_reference_connector(self, gathered: Callable[[list[nn.Parameter]], Any] | None = None) -> None:
+    def empty_part_copy(self, name: str) -> nn.Module:
+        """The connector's structure on the meta device (no initialisation to pay for: 238 M weights at 7B); other
+        parts as :meth:`UnifiedModel.empty_part_copy`."""
+        if name != "connector":
+            return super().empty_part_copy(name)
         source = self.connector
-        if not isinstance(source, MindOmniConnector):
-            raise TypeError(f"keep_reference_connector copies a MindOmniConnector, not {type(source).__name__}")
-        with torch.device("meta"):  # the structure alone: no initialisation to pay for (238 M weights at 7B)
-            frozen = MindOmniConnector(source.proj.in_features, source.config, num_layers=len(source.layers))
-        frozen.to_empty(device=self.device)
-        sources = list(source.parameters())
-        with gathered(sources) if gathered is not None else contextlib.nullcontext():
-            whole = {**dict(source.named_parameters()), **dict(source.named_buffers())}  # buffers: never partitioned
-            for name, tensor in [*frozen.named_parameters(), *frozen.named_buffers()]:
-                tensor.data = whole[name].detach().clone()
-        frozen.requires_grad_(False).eval()
-        # Outside the module tree on purpose: not trained, not partitioned by ZeRO-3, not in checkpoints (a resume
-        # rebuilds it from model.path, which still holds the connector as it was before training).
-        object.__setattr__(self, "reference_connector", frozen)
+        with torch.device("meta"):
+            return MindOmniConnector(source.proj.in_features, source.config, num_layers=len(source.layers))
 
     def decode_step(
         self,
@@ -541,12 +619,47 @@ class MindOmni(UnifiedModel):
         t: torch.Tensor,
         *,
         return_features: bool = False,
-    ) -> DecoderOutput:
+    ) -> GeneratorOutput:
         """Velocity (N, C, h, w) at (latents, t), t (N,) with 0 = noise; features (N, layers + 1, n_img, D)."""
         velocity, features = decoder_forward(
             self.decoder, cond_embeds, cond_mask, latents, t, return_features=return_features
         )
-        return DecoderOutput(velocity, features)
+        return GeneratorOutput(velocity, features)
+
+    # -- the image pipeline (the interface) -----------------------------------------------------------------------
+    def image_inputs(self, condition: Condition, negative: Condition | None, *, guidance_scale: float = 1.0,
+                     exact: bool = False) -> DecoderInputs:
+        """Connected condition (and negative) rows, stacked as :meth:`guided_velocity` takes them; with the
+        condition KV cache (``decoder_kv_cache``, no gradients) unless ``exact`` (the cached path differs by
+        ~1e-5, so the image policy samples and replays without it)."""
+        embeds = self.connect(condition.states, condition.mask)
+        guided = negative is not None and guidance_scale != 1.0
+        neg = self.connect(negative.states, negative.mask) if guided else None
+        embeds, mask = guided_batch(embeds, condition.mask, neg, negative.mask if guided else None)
+        cache = None
+        if self.decoder_kv_cache and not exact and not torch.is_grad_enabled():
+            cache = _LazyCache(embeds, mask)
+        return DecoderInputs(embeds, mask, guidance_scale if guided else None, cache)
+
+    def image_prediction(self, inputs: DecoderInputs, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cache = inputs.cache
+        if isinstance(cache, _LazyCache):
+            cache = cache.build(self.decoder, x)
+        return self.guided_velocity(inputs.embeds, inputs.mask, x, t, inputs.guidance or 1.0, cache=cache)
+
+    def generator_output(self, inputs: DecoderInputs, x: torch.Tensor, t: torch.Tensor, *,
+                         return_features: bool = False) -> GeneratorOutput:
+        if (inputs.guidance or 1.0) != 1.0:
+            raise ValueError("generator_output is unguided: build its inputs with guidance_scale=1")
+        return self.decode_step(inputs.embeds, inputs.mask, x, t, return_features=return_features)
+
+    def regularizer_times(self, num: int, generator: torch.Generator) -> torch.Tensor:
+        """MindOmni's D_IKL timestep: uniform on the 51-point grid linspace(0, 1, 51)."""
+        return torch.randint(0, IMAGE_KL_GRID, (num,), generator=generator).float().div(IMAGE_KL_GRID - 1)
+
+    def image_sampler(self, cfg: ImageSamplingConfig) -> FlowSampler:
+        """OmniGen's Euler grid (t: 0 -> 1, no shift): exactly what its diffusers scheduler walks."""
+        return FlowSampler(euler_grid(cfg.steps))
 
     def guided_velocity(
         self,
@@ -629,29 +742,11 @@ class MindOmni(UnifiedModel):
         """
         guided = neg_embeds is not None and cfg.guidance_scale != 1.0
         embeds, mask = guided_batch(cond_embeds, cond_mask, neg_embeds if guided else None, neg_mask)
-        grid = euler_grid(cfg.steps).to(noise.device)
-        cache = None
-        if self.decoder_kv_cache:
-            h, w = noise.shape[-2:]
-            cache = build_condition_cache(self.decoder, embeds, mask, num_image_tokens(self.decoder, h, w))
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.guided_velocity(embeds, mask, x, t, cfg.guidance_scale if guided else 1.0, cache=cache)
-
-        if cfg.noise_level == 0:
-            return sample_flow(velocity, noise, grid).latents
-        if generator is None:
-            generator = torch.Generator().manual_seed(cfg.seed + SDE_SEED_OFFSET)
-        start = 0
-        if cfg.sde_window is not None:
-            start = cfg.sde_window_start
-            if start is None:
-                first = generator if isinstance(generator, torch.Generator) else generator[0]
-                start = random_window_start(cfg.steps, cfg.sde_window, first, cfg.sde_window_range)
-        stochastic = stochastic_steps(cfg.steps, cfg.sde_window, start)
-        return sample_flow(
-            velocity, noise, grid, noise_level=cfg.noise_level, stochastic=stochastic, generator=generator
-        )
+        cache = _LazyCache(embeds, mask) if self.decoder_kv_cache else None
+        inputs = DecoderInputs(embeds, mask, cfg.guidance_scale if guided else None, cache)
+        out = self.sample_image_latents(inputs, noise, cfg, generator=generator,
+                                        default_seed=cfg.seed + SDE_SEED_OFFSET)
+        return out.latents if cfg.noise_level == 0 else out
 
     def float32_modules(self) -> list[str]:
         return ["vae"]
@@ -682,7 +777,10 @@ class MindOmni(UnifiedModel):
         """Load MindOmni's released layout (``mllm/``, ``image_decoder/``, ``vae/``, ``connector.safetensors``)."""
         from .checkpoint import load_mindomni
 
-        return load_mindomni(cls, path, dtype=dtype, device=device, **kwargs)
+        options = kwargs.pop("options", None)
+        model = load_mindomni(cls, path, dtype=dtype, device=device, **kwargs)
+        model.apply_options(options)
+        return model
 
     def save_pretrained(self, path: str) -> None:
         """Write the released layout (decoder in OmniGen-v1 key names, connector as ``0.*``/``1.*``/``2.*``)."""
@@ -829,3 +927,17 @@ def euler_grid(steps: int) -> torch.Tensor:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return 1 - torch.from_numpy(np.linspace(1, 0, steps + 1).astype(np.float32))
+
+
+class _LazyCache:
+    """The condition KV cache, built at the first prediction (when the latents' size is known) and reused by every
+    later step of the same sampling run."""
+
+    def __init__(self, embeds: torch.Tensor, mask: torch.Tensor):
+        self.embeds, self.mask, self.cache = embeds, mask, None
+
+    def build(self, decoder: nn.Module, x: torch.Tensor) -> ConditionCache:
+        if self.cache is None:
+            h, w = x.shape[-2:]
+            self.cache = build_condition_cache(decoder, self.embeds, self.mask, num_image_tokens(decoder, h, w))
+        return self.cache

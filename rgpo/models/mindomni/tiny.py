@@ -27,7 +27,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from .connector import MindOmniConnector, phi3_config_from_dict
-from .mindomni import MindOmni
+from .modeling import MindOmni
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
