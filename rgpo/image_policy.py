@@ -2,7 +2,7 @@
 
 Modes (see the README section "Image-side policy gradient"):
 
-- **RGPO** (MindOmni's; ``images_per_chain=1``, ``noise_level=0``, ``image_pg_coef=0``): the degenerate case
+- **RGPO** (as released; ``images_per_chain=1``, ``noise_level=0``, ``image_pg_coef=0``): the degenerate case
   of the same path: one deterministic image per chain, the chain's reward trains the language model, and the
   image regulariser (feature KL / velocity MSE) keeps the condition near the reference's.
 - **N x M**: ``rollout.image.images_per_chain = M``; each chain draws M images (different initial noises, plus
@@ -23,7 +23,7 @@ Modes (see the README section "Image-side policy gradient"):
   with every adapter disabled (VLM LoRA and decoder LoRA) fed the reference VLM's condition.
 
 What the image loss trains: the generator LoRA (``trainable.generator_lora_r``) and/or parts trained in full
-(``trainable.full_parts``, e.g. MindOmni's connector). The condition is DETACHED by default, as Flow-GRPO trains
+(``trainable.full_parts``, e.g. a connector). The condition is DETACHED by default, as Flow-GRPO trains
 only the generator; ``loss.image_condition_grad=true`` lets the image loss reach the language model too (through
 a straight-through copy of the condition, whose value is the recorded one, so the on-policy ratio stays 1).
 
@@ -189,8 +189,8 @@ class ImagePolicy:
     def initial_noise(self, model: UnifiedModel, global_indices: list[int], groups: list[int], step: int,
                       image: int = 0) -> torch.Tensor:
         """(n, ...) initial latents of each chain's image number ``image`` (> 0: extra images of an N x M rollout,
-        each with seeds of its own). Shared noise: the same seed for every rollout of a group (MindOmni uses one
-        seed for every rollout of every step), so in-group reward differences come only from the text; else one
+        each with seeds of its own). Shared noise: the same seed for every rollout of a group (RGPO's release uses
+        one seed for every rollout of every step), so in-group reward differences come only from the text; else one
         per chain and step, from its global index (a group spread over ranks still draws the same)."""
         icfg = self.base
         shape = model.latent_shape(icfg.height, icfg.width)
@@ -284,9 +284,9 @@ class ImagePolicy:
     # ------------------------------------------------------------------------------------------- the regulariser
     def regularizer(self, policy_call, reference: ReferenceContext, model: UnifiedModel, condition: Condition,
                     ref_condition: Condition, seed: int) -> torch.Tensor:
-        """The feature KL (MindOmni's D_IKL) or the velocity MSE: the generator run, unguided, on the policy's
+        """The feature KL (RGPO's D_IKL) or the velocity MSE: the generator run, unguided, on the policy's
         condition (with grad, which flows back into the language model) and on the reference's (no grad), from
-        fresh pure noise at times the family draws (MindOmni: its 51-point grid); ``loss.image_kl_timesteps``
+        fresh pure noise at times the family draws (RGPO's release: a 51-point grid); ``loss.image_kl_timesteps``
         draws per chain. ``policy_call`` is the DeepSpeed engine (ZeRO-3 fetches parameters through it)."""
         lc = self.loss_cfg
         K = lc.image_kl_timesteps

@@ -4,7 +4,7 @@ Launch with ``deepspeed --num_gpus N -m rgpo train --config ...``, ``torchrun``,
 in one process. Each step:
 
 1. rollout: G reasoning chains per prompt from the policy, the image(s) each chain draws (the family's sampler,
-   shared initial noise per group as MindOmni), and, under no-grad, the policy's and reference's log-probs and
+   shared initial noise per group as RGPO's release), and, under no-grad, the policy's and reference's log-probs and
    conditions from one forward each;
 2. rewards: every reward function on the rank's chains, then gathered across ranks BEFORE normalising,
    because a group may span ranks;
@@ -181,7 +181,7 @@ class RGPOTrainer:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 return build_model(cfg)
         # A checkpoint folder: transformers loads the VLM straight into ZeRO-3 shards (it sees HfDeepSpeedConfig);
-        # the connector, decoder and VAE, loaded by rgpo, arrive whole on the host and deepspeed.initialize
+        # the family's other parts, loaded by rgpo, arrive whole on the host and deepspeed.initialize
         # partitions them. Inside zero.Init they would be partitioned empty before their weights are read.
         return build_model(cfg)
 
@@ -226,7 +226,7 @@ class RGPOTrainer:
 
     @contextmanager
     def reference_context(self):
-        """Run the model as the reference: the LoRA adapter disabled (MindOmni), or the frozen copy."""
+        """Run the model as the reference: every adapter disabled (LoRA runs), or the frozen copy (full)."""
         if self.reference is not None:
             yield self.reference
         else:
@@ -377,7 +377,7 @@ class RGPOTrainer:
         out = self.engine("forward_text", prompts, completions,
                           with_condition=images is not None and images.needs_condition)
         ref_logps = rollout.ref_logps[index] if rollout.ref_logps is not None else None
-        # One update per batch: old = current (detached), so the ratio is exactly 1 (MindOmni, GRPO).
+        # One update per batch: old = current (detached), so the ratio is exactly 1 (RGPO, GRPO).
         old = out.logps.detach() if lc.num_iterations == 1 else rollout.old_logps[index]
         loss, metrics = policy_loss(
             out.logps, old, ref_logps, advantages[index], completions.completion_mask,
@@ -387,7 +387,7 @@ class RGPOTrainer:
         metrics = {f"loss/{k}" if k == "pg_loss" else k: v for k, v in metrics.items()}
         if out.entropy is not None:  # mean next-token entropy over the completions (TRL's `entropy`)
             metrics["entropy"] = masked_mean(out.entropy, completions.completion_mask)
-        if images is not None and images.feature_term:  # MindOmni's D_IKL / the velocity MSE
+        if images is not None and images.feature_term:  # RGPO's image KL (D_IKL) / the velocity MSE
             image_reg = images.regularizer(self.engine, self.reference_context, self.model, out.condition,
                                            rollout.ref_condition.select(idx),
                                            seed=mix_seed(cfg.seed, self.step, self.rank, idx[0]))

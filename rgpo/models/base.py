@@ -367,7 +367,12 @@ class UnifiedModel(torch.nn.Module):
     def adapter_disabled(self) -> Iterator[None]:
         """Run as the reference: every peft adapter of every part disabled (a wrapped part's
         ``disable_adapter()``, LoRA layers injected into a part switched off), and the parts trained in full
-        replaced by the frozen copies :meth:`keep_reference_copies` made."""
+        replaced by the frozen copies :meth:`keep_reference_copies` made. Re-entrant: a nested use (the negative
+        prompt encoded as the reference while drawing as the reference) changes nothing, and its exit does not
+        switch the adapters back on under the outer one."""
+        if self.running_as_reference:
+            yield
+            return
         self.running_as_reference = True
         try:
             with _all_adapters_disabled([getattr(self, p.attribute, None) for p in self.parts.values()]):

@@ -1,6 +1,6 @@
 """Build the toy world's models (seeded, CPU) and write them where the demo config expects them.
 
-    python scripts/build_toy_world.py --out rgpo/assets/toyworld
+    python -m rgpo.models.mindomni.build_toy_world --out rgpo/assets/toyworld
 
 Four stages, all on MindOmni's own classes at toy size (see :mod:`rgpo.toyworld` for the world):
 
@@ -34,11 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rgpo import toyworld as world
 
-from rgpo import toyworld as world  # noqa: E402
-from rgpo.models.mindomni import MindOmni, cat_left_padded  # noqa: E402
-from rgpo.models.mindomni.tiny import build_tiny_mindomni  # noqa: E402
+from .modeling import MindOmni, cat_left_padded
+from .tiny import build_tiny_mindomni
 
 SIZES = dict(
     vlm_hidden=96, vlm_layers=3, vlm_heads=4, vlm_kv_heads=2, vlm_intermediate=192, vision_hidden=32,
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     world.write_jsonl(world.prompts("heldout"), out / "heldout.jsonl")
     report["seconds"] = timings
     report["total_seconds"] = round(time.perf_counter() - start, 1)
-    report["command"] = "python scripts/build_toy_world.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["command"] = "python -m rgpo.models.mindomni.build_toy_world " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "build.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out}/ in {report['total_seconds']} s")
     return 0
