@@ -53,7 +53,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import rewards as reward_lib
+    from rgpo import rewards as reward_lib
     from rgpo.data import load_prompts
 
     mem = memory()
@@ -80,7 +80,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
         def format_reward(prompts, completions, **kwargs):
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            return fmt(prompts, texts, [None] * len(texts)) if fmt else [0.0] * len(texts)
+            return fmt(prompts=prompts, completions=texts) if fmt else [0.0] * len(texts)
 
         steps_total = spec["warmup"] + spec["steps"]
         args = GRPOConfig(

@@ -3,7 +3,7 @@
 A reward is called as TRL's ``GRPOTrainer`` calls one: with keywords only, ``prompts=``, ``completions=``,
 ``completion_ids=`` (token ids per chain, or None), ``images=`` (one list of images per chain) and every other
 data column as a list aligned with the samples (e.g. ``gt_prompt=[...]``); it returns one value per sample,
-None where it does not apply, and takes ``**kwargs`` for what it does not read (see :mod:`rewards.contract`).
+None where it does not apply, and takes ``**kwargs`` for what it does not read (see :mod:`rgpo.rewards.contract`).
 TRL's own reward functions (``trl.rewards.think_format_reward``, ...) therefore plug in unchanged.
 
 >>> r = get_reward("format")
@@ -11,7 +11,7 @@ TRL's own reward functions (``trl.rewards.think_format_reward``, ...) therefore 
 [1.0]
 
 A run resolves its rewards with :func:`get_rewards` (unique names) and scores a batch with :func:`combine`.
-Rewards can be served over HTTP (:mod:`rewards.server`) and used from a run as the ``remote`` reward.
+Rewards can be served over HTTP (:mod:`rgpo.rewards.server`) and used from a run as the ``remote`` reward.
 """
 
 from .clip import ClipConsistencyReward, build_tiny_clip, tiny_clip_config, train_tiny_clip

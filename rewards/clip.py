@@ -12,7 +12,7 @@ Nothing here downloads: ``pretrained`` must be a local file, e.g. ``open_clip_py
 QuickGELU; ``quick_gelu=None`` turns it on for ViT-L-14-336 (see :func:`default_quick_gelu`).
 
 The tiny CLIP (:func:`build_tiny_clip`, :func:`train_tiny_clip`) is ~1.9M parameters on 32x32 images and
-learns coloured shapes (:mod:`rewards.shapes`) in seconds on a CPU. It is also registered with open_clip as
+learns coloured shapes (:mod:`rgpo.rewards.shapes`) in seconds on a CPU. It is also registered with open_clip as
 ``rgpo-tiny-clip``, so a saved ``state_dict`` loads through the same path a real checkpoint does::
 
     torch.save(bundle.model.state_dict(), "tiny_clip.pt")
@@ -334,7 +334,7 @@ def train_tiny_clip(
         bundle: a model to keep training; None builds :func:`build_tiny_clip` with ``seed``.
         batch_size, lr: AdamW's batch and peak learning rate (warmup, then cosine decay).
 
-    The defaults learn :func:`rewards.shapes.synthetic_shapes` (20 images per caption) in about 7 s on one CPU
+    The defaults learn :func:`rgpo.rewards.shapes.synthetic_shapes` (20 images per caption) in about 7 s on one CPU
     thread. On a small machine shared with other jobs, ``torch.set_num_threads(1)`` can be far faster than
     two threads, whose OpenMP barriers stall whenever one of them is descheduled.
     """

@@ -1,6 +1,6 @@
 """Running several rewards on a batch and summing them with weights, with errors that name the culprit.
 
-Each reward is called as TRL's ``GRPOTrainer`` calls it: keywords only (see :mod:`rewards.contract`).
+Each reward is called as TRL's ``GRPOTrainer`` calls it: keywords only (see :mod:`rgpo.rewards.contract`).
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def combine(
     ``images=`` (one list of images per chain) and every column.
 
     Args:
-        rewards: reward callables (e.g. from :func:`rewards.get_rewards`).
+        rewards: reward callables (e.g. from :func:`rgpo.rewards.get_rewards`).
         weights: one weight per reward; None uses each reward's ``.weight`` (1.0 when it has none).
         prompts, completions: the N samples. A reward that takes TRL's conversational form (see
-            :func:`rewards.contract.takes_messages`) gets text ones as one-message lists.
+            :func:`rgpo.rewards.contract.takes_messages`) gets text ones as one-message lists.
         images: per sample, the list of images its chain drew (0, 1 or several). A single image or None in
             place of a list is taken as ``[image]`` or ``[]`` (callers that draw one image per chain); None
             for the whole batch: no images.
@@ -77,12 +77,13 @@ def combine(
 
     Raises:
         RewardError: naming the reward when it raises (chained), times out, returns a list of the wrong
-            length, or returns NaN, inf or a non-number (naming the sample index too).
+            length, or returns NaN, inf or a non-number (naming the sample index too); before any reward
+            runs, when one cannot take the call (no ``**kwargs``), needs a missing column or
+            ``completion_ids``, or the lists' lengths disagree.
     """
     n = len(prompts)
-    images = chain_images(images, n) if images is not None else None
-    _check_batch(n, completions, images, columns, completion_ids)
-    images = images if images is not None else chain_images(None, n)
+    chains = None if images is None else chain_images(images, n)
+    _check_batch(n, completions, chains, columns, completion_ids)
     if weights is None:
         weights = [float(getattr(r, "weight", 1.0)) for r in rewards]
     if len(weights) != len(rewards):
@@ -94,7 +95,7 @@ def combine(
         check_columns(reward, columns)
         _check_call(reward, columns, completion_ids)
     batch = Batch(list(prompts), list(completions), None if completion_ids is None else list(completion_ids),
-                  images, dict(columns))
+                  chains if chains is not None else chain_images(None, n), dict(columns))
     per_reward = torch.full((n, len(rewards)), float("nan"), dtype=torch.float32)
     if parallel and len(rewards) > 1:
         # All start now, so each one's time limit counts from now (not from when the one before it finished).

@@ -9,7 +9,7 @@ Every reward is called with keywords only, as TRL's ``GRPOTrainer`` calls its re
 per chain (None when the caller has none), and ``columns`` every other data column as a list aligned with the
 samples. A reward returns one float per sample, None where it does not apply, and takes ``**kwargs`` for the
 inputs it does not read. A reward that declares ``completion_ids`` without a default (TRL's token-level
-rewards) is taken to need them: :func:`rewards.combine` refuses to call it with None.
+rewards) is taken to need them: :func:`rgpo.rewards.combine` refuses to call it with None.
 
 A reward whose ``completions`` parameter is annotated as TRL's conversational form
 (``list[list[dict[str, str]]]``, as ``trl.rewards.think_format_reward`` is), or that sets
@@ -51,7 +51,7 @@ def chain_images(images: Sequence[Any] | None, n: int) -> list[list[Any]]:
 
 def signature_of(fn: Any) -> inspect.Signature | None:
     """The call signature of a reward (a function, ``functools.partial`` or object with ``__call__``; unwrap a
-    :class:`rewards.Reward` first); None when Python cannot tell (some builtins)."""
+    :class:`rgpo.rewards.Reward` first); None when Python cannot tell (some builtins)."""
     try:
         return inspect.signature(fn)
     except (TypeError, ValueError):

@@ -1,7 +1,7 @@
 """Finding rewards by name: the registry, dotted paths and reward files, and names unique within a run.
 
 A reward is any callable taking TRL's keywords (``prompts``, ``completions``, ``completion_ids``, ``images``,
-every data column; see :mod:`rewards.contract`) and returning ``list[float | None]``. Heavy rewards (a CLIP
+every data column; see :mod:`rgpo.rewards.contract`) and returning ``list[float | None]``. Heavy rewards (a CLIP
 model) are classes, instantiated once by :func:`get_reward` with the config's kwargs; a factory such as
 ``trl.rewards.get_soft_overlong_punishment`` is called with them and returns the reward.
 """
@@ -72,7 +72,7 @@ def _qualname(obj: Any) -> str:
 class Reward:
     """A resolved reward: a readable ``name`` (it keys logs and table columns), the callable ``fn``, its
     ``weight`` in the total, the ``source`` spec it was resolved from (``"a/r.py:score"``) and whether it takes
-    TRL's ``conversational`` completions (message lists; :func:`rewards.combine` converts text for it)."""
+    TRL's ``conversational`` completions (message lists; :func:`rgpo.rewards.combine` converts text for it)."""
 
     name: str
     fn: Callable[..., list[Any]]
@@ -318,7 +318,10 @@ def _instantiate(name: str, target: Any, kwargs: dict[str, Any]) -> Callable[...
             raise
         except Exception as e:
             what = getattr(target, "__name__", name)
-            raise RewardError(f"reward {name!r}: building {what}(**{kwargs}) raised {type(e).__name__}: {e}") from e
+            hint = "" if inspect.isclass(target) else (
+                f" ({what} takes none of {list(INPUTS)} and no **kwargs, so it was taken for a factory that builds "
+                f"the reward; a reward function takes **kwargs)")
+            raise RewardError(f"reward {name!r}: building {what}(**{kwargs}) raised {type(e).__name__}: {e}{hint}") from e
         if not callable(built):
             raise RewardError(f"reward {name!r}: {target.__name__}(**{kwargs}) returned a "
                               f"{type(built).__name__}, not a reward function")

@@ -1,4 +1,4 @@
-"""The ``remote`` reward: scores computed by a reward server (:mod:`rewards.server`) over HTTP.
+"""The ``remote`` reward: scores computed by a reward server (:mod:`rgpo.rewards.server`) over HTTP.
 
 A run lists it like any other reward, pointing at a server started with ``rgpo reward-server``::
 

@@ -3,7 +3,7 @@
 Heavy reward models (a CLIP ViT-L, a VLM judge) load once, in one process that the trainer's ranks (or
 several runs) share, possibly on another GPU or machine. Launch::
 
-    python -m rewards.server --config rewards.yaml --port 8000      # later: rgpo reward-server ...
+    rgpo reward-server --config rewards.yaml --port 8000     # or: python -m rgpo.rewards.server ...
 
 ``rewards.yaml`` lists the rewards as a run config's ``rewards.functions`` does (a run config itself works
 too: its ``rewards:`` section is read)::
@@ -13,10 +13,10 @@ too: its ``rewards:`` section is read)::
       - {name: format}
 
 and a run uses them with ``{name: remote, kwargs: {url: "http://127.0.0.1:8000", names: [clip_consistency]}}``
-(:class:`rewards.remote.RemoteReward`, which documents the wire format). Weights are the run's business: the
+(:class:`rgpo.rewards.remote.RemoteReward`, which documents the wire format). Weights are the run's business: the
 YAML's are accepted (a run config's section can be served as it is) and reported by ``/health``, not applied. The server answers ``GET /health``
 and ``POST /score`` (a batch: prompts, completions, completion ids, PNG images per chain, data columns), runs
-the rewards through :func:`rewards.combine` (the checks and error messages of an in-process run), one batch at
+the rewards through :func:`rgpo.rewards.combine` (the checks and error messages of an in-process run), one batch at
 a time, and refuses a request over ``--max-request-mb`` with HTTP 413. It binds 127.0.0.1 unless told
 otherwise: it has no authentication, so expose it on a trusted network only.
 
@@ -88,7 +88,7 @@ def build_app(
     rewards: Sequence[Reward], *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, timeout_s: float | None = None
 ) -> Any:
     """A Starlette application serving ``rewards`` (names must be unique: use :func:`load_rewards` or
-    :func:`rewards.get_rewards`). ``timeout_s``: seconds each reward may take for one batch."""
+    :func:`rgpo.rewards.get_rewards`). ``timeout_s``: seconds each reward may take for one batch."""
     import anyio.to_thread
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -179,6 +179,13 @@ def _parse(body: bytes, by_name: Mapping[str, Reward]) -> dict[str, Any]:
     ids = data.get("completion_ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(x, list) for x in ids)):
         raise _BadRequest("'completion_ids' must be null or a list of lists of token ids")
+    n = len(prompts)
+    lengths = {"completions": len(completions), **({} if images is None else {"images": len(images)}),
+               **({} if ids is None else {"completion_ids": len(ids)}),
+               **{f"column {k!r}": len(v) for k, v in columns.items()}}
+    wrong = [f"{k} has {v}" for k, v in lengths.items() if v != n]
+    if wrong:
+        raise _BadRequest(f"request has {n} prompts but {', '.join(wrong)}; every list needs one entry per sample")
     return {"rewards": [by_name[n] for n in names], "prompts": prompts, "completions": completions,
             "images": decoded, "columns": columns, "completion_ids": ids}
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-import rewards
-from rewards import RemoteReward, RewardError, build_tiny_clip, combine, get_reward, get_rewards
-from rewards.server import background_server, build_app, load_rewards, main
-from rewards.shapes import synthetic_shapes
+from rgpo import rewards
+from rgpo.rewards import RemoteReward, RewardError, build_tiny_clip, combine, get_reward, get_rewards
+from rgpo.rewards.server import background_server, build_app, load_rewards, main
+from rgpo.rewards.shapes import synthetic_shapes
 
 REPO = Path(rewards.__file__).parent.parent
 SERVER_START_S = 90  # the subprocess imports torch and open_clip: seconds on a loaded 2-core machine
@@ -28,9 +29,9 @@ SERVER_START_S = 90  # the subprocess imports torch and open_clip: seconds on a 
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _start_server(config: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``python -m rewards.server`` on a free port of 127.0.0.1; returns the process and the URL it printed."""
+    """``python -m rgpo.rewards.server`` on a free port of 127.0.0.1; returns the process and the URL it printed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rewards.server", "--config", str(config), "--port", "0", *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "rgpo.rewards.server", "--config", str(config), "--port", "0", *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
@@ -189,6 +190,23 @@ def test_oversize_request_refused():
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def test_malformed_requests_get_400_saying_what_is_wrong():
+    app = build_app(get_rewards(["format"]))
+    with background_server(app) as url:
+        def post(body):
+            request = urllib.request.Request(url + "/score", data=json.dumps(body).encode(), method="POST")
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=10)
+            return info.value.code, json.loads(info.value.read())["error"]
+
+        assert post({"prompts": ["p", "q"], "completions": ["a"]}) == (
+            400, "request has 2 prompts but completions has 1; every list needs one entry per sample")
+        code, error = post({"prompts": ["p"], "completions": ["a"], "images": [["not png"]]})
+        assert code == 400 and error.startswith("images of sample 0 are not base64 PNG")
+        assert post({"prompts": ["p"], "completions": ["a"], "names": ["clip"]}) == (
+            400, "no served reward named ['clip']; served: ['format']")
+
+
 @pytest.mark.parametrize(("answer", "pattern"), [
     ({"scores": {"judge": [0.5]}}, r"malformed response: 1 scores for 'judge', expected 2"),
     ({"scores": {"judge": [0.5, "0.7"]}}, r"malformed response: score 1 of 'judge' is '0.7', not a number"),

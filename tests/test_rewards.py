@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import rewards  # noqa: E402
-from rewards import (  # noqa: E402
+from rgpo.rewards import (  # noqa: E402
     REGISTRY,
     ClipConsistencyReward,
     Reward,
@@ -29,15 +29,15 @@ from rewards import (  # noqa: E402
     get_reward,
     register_reward,
 )
-from rewards.clip import (  # noqa: E402
+from rgpo.rewards.clip import (  # noqa: E402
     TINY_CLIP_NAME,
     build_tiny_clip,
     clear_clip_cache,
     default_quick_gelu,
     train_tiny_clip,
 )
-from rewards.format import extract_answer  # noqa: E402
-from rewards.shapes import shape_captions, synthetic_shapes  # noqa: E402
+from rgpo.rewards.format import extract_answer  # noqa: E402
+from rgpo.rewards.shapes import shape_captions, synthetic_shapes  # noqa: E402
 
 EXAMPLE = Path(rewards.__file__).parent / "examples" / "length_penalty.py"
 REPO = Path(rewards.__file__).parent.parent
@@ -125,8 +125,8 @@ def _length_call(**columns):
             **columns}
 
 
-@pytest.mark.parametrize("spec", ["rewards.examples.length_penalty:length_reward",
-                                  "rewards.examples.length_penalty.length_reward"])  # TRL's CLI form
+@pytest.mark.parametrize("spec", ["rgpo.rewards.examples.length_penalty:length_reward",
+                                  "rgpo.rewards.examples.length_penalty.length_reward"])  # TRL's CLI form
 def test_dotted_path(spec):
     reward = get_reward(spec, min_words=2, max_words=4)
     assert reward.name == "length_reward" and reward.source == spec
@@ -149,7 +149,7 @@ def test_missing_attribute_names_file_and_attribute():
         get_reward(f"{EXAMPLE}:length_rewrd")
     assert str(EXAMPLE) in str(info.value) and "length_reward" in str(info.value)  # lists what is there
     with pytest.raises(RewardError, match="has no attribute 'nope'"):
-        get_reward("rewards.examples.length_penalty:nope")
+        get_reward("rgpo.rewards.examples.length_penalty:nope")
 
 
 def test_missing_file_and_module():
@@ -442,10 +442,11 @@ def test_clip_reward_none_image_or_text_gives_none(tiny_clip, fresh_images):
     assert isinstance(values[0], float) and values[1] is None and values[2] is None
 
 
-def test_clip_reward_scores_every_image_of_a_chain(tiny_clip, fresh_images):
+def test_clip_reward_scores_every_image_of_a_chain(fresh_images):
     """A chain's value is the mean over its images of each image's (clamped) cosine; no image: None."""
     a, b, c = fresh_images[:3]
-    single = _reward(tiny_clip, clamp_min=None, batch_size=2)
+    untrained = build_tiny_clip(seed=0)  # the arithmetic does not need a trained CLIP
+    single = _reward(untrained, clamp_min=None, batch_size=2)
     caption = "a red circle"
     one = [single(prompts=["p"], completions=["x"], images=[[im]], gt_prompt=[caption])[0] for im in (a, b, c)]
     values = single(prompts=["p"] * 4, completions=["x"] * 4, completion_ids=None, images=[[a, b], [], [c], [a, b, c]],
@@ -455,7 +456,7 @@ def test_clip_reward_scores_every_image_of_a_chain(tiny_clip, fresh_images):
     assert values[2] == pytest.approx(one[2], abs=1e-6)
     assert values[3] == pytest.approx(sum(one) / 3, abs=1e-6)
     threshold = sorted(one)[1]  # the clamp applies to each image, then the mean is taken
-    clamped = _reward(tiny_clip, clamp_min=threshold)(prompts=["p"], completions=["x"], images=[[a, b, c]],
+    clamped = _reward(untrained, clamp_min=threshold)(prompts=["p"], completions=["x"], images=[[a, b, c]],
                                                       gt_prompt=[caption])
     assert clamped[0] == pytest.approx(sum(max(v, threshold) for v in one) / 3, abs=1e-6)
 
