@@ -26,6 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+
+class RunFinished(Exception):
+    """The run to resume already did its ``optim.max_steps``: nothing to do (raise max_steps to go on)."""
+
+
+class ResumeError(ValueError):
+    """The checkpoint to resume cannot continue this run as configured (another base model, other parameters)."""
+
+
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -249,6 +258,12 @@ def absolute_paths(config: dict[str, Any], base: str | Path) -> dict[str, Any]:
         value = block.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute() and (Path(base) / value).exists():
             block[key] = str((Path(base) / value).resolve())
+    for spec in (config.get("rewards") or {}).get("functions") or []:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and ".py:" in name:  # a reward's own file: path/to/file.py:function
+            file, function = name.rsplit(":", 1)
+            if not Path(file).is_absolute() and (Path(base) / file).is_file():
+                spec["name"] = f"{(Path(base) / file).resolve()}:{function}"
     return config
 
 

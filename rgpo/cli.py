@@ -1,9 +1,11 @@
-"""``rgpo`` command line: ``rgpo train``, ``sample``, ``export``, ``demo``, ``eval-toy``.
+"""``rgpo`` command line: ``rgpo train``, ``sample``, ``export``, ``config``, ``demo``, ``eval-toy``.
 
     rgpo train --config configs/tiny.yaml optim.max_steps=20
-    deepspeed --num_gpus 8 scripts/train.py --config configs/mindomni_rgpo.yaml model.path=/ckpt/MindOmni
-    rgpo sample --checkpoint outputs/rgpo/checkpoints/step-0000050 --prompts prompts.jsonl --out samples/
-    rgpo export --checkpoint outputs/rgpo/checkpoints/step-0000600 --out MindOmni-rgpo/
+    deepspeed --num_gpus 8 -m rgpo train --config configs/mindomni_rgpo.yaml model.path=/ckpt/MindOmni
+    rgpo config show --config configs/tiny.yaml optim.lr=2e-5     # the resolved config
+    rgpo config keys                                               # every key with its documentation
+    rgpo sample --checkpoint outputs/run-1a2b3c4d/checkpoints/step-0000050 --prompts prompts.jsonl --out samples/
+    rgpo export --checkpoint outputs/run-1a2b3c4d/checkpoints/step-0000600 --out rgpo-trained/
     rgpo demo                                   # RGPO on the embedded toy world, evaluated before and after
     rgpo eval-toy --checkpoint outputs/toy_world/checkpoints/step-0000040
 """
@@ -11,16 +13,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rgpo.checkpointing import RunFinished
     from rgpo.config import load_config
     from rgpo.trainer import RGPOTrainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = RGPOTrainer(cfg)
+    try:
+        trainer = RGPOTrainer(cfg)
+    except RunFinished as done:
+        print(f"rgpo: {done}", flush=True)
+        return 0
     try:
         metrics = trainer.train()
     finally:
@@ -32,38 +40,82 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
+    from tqdm.auto import tqdm
 
     from rgpo.building import load_trained
     from rgpo.data import load_prompts
     from rgpo.models import ImageSamplingConfig
+    from rgpo.scoring import completion_id_lists, score_samples
     from rgpo.tracking import contact_sheet, side_by_side
 
     model, cfg = load_trained(args.checkpoint, model_path=args.model_path)
     rows = load_prompts(args.prompts)[: args.limit or None]
+    image = cfg.rollout.image
+    icfg = ImageSamplingConfig(height=args.height or image.height, width=args.width or image.width,
+                               steps=args.steps or image.steps, guidance_scale=image.guidance_scale, seed=args.seed,
+                               shared_noise=False)
+    temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
+    max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
+    rewards = []
+    if not args.no_score:
+        from rgpo import rewards as reward_lib
+
+        rewards = reward_lib.get_rewards(cfg.rewards.functions)
+        available = set().union(*(row.columns for row in rows)) if rows else set()
+        lacking = {r.name: [c for c in reward_lib.registry.required_columns(r) if c not in available] for r in rewards}
+        for name, columns in lacking.items():
+            if columns:
+                print(f"rgpo: reward {name!r} is not scored: the prompts lack its column(s) {columns}", file=sys.stderr)
+        rewards = [r for r in rewards if not lacking[r.name]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    icfg = ImageSamplingConfig(height=cfg.rollout.image.height, width=cfg.rollout.image.width,
-                               steps=cfg.rollout.image.steps, guidance_scale=cfg.rollout.image.guidance_scale,
-                               seed=args.seed, shared_noise=False)
+    generator = torch.Generator().manual_seed(args.seed)
+    texts: list[str] = []
+    images: list[list] = []
+    scores: list[list[float]] = []
     with torch.no_grad():
-        prompts = model.build_prompts([r.as_model_row() for r in rows])
-        completions = model.generate(prompts, num_generations=1, max_new_tokens=cfg.rollout.max_new_tokens,
-                                     temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
-        images: list[list] = [[] for _ in rows]
-        if cfg.rollout.image.enabled:
-            fwd = model.forward_text(prompts, completions, with_condition=True)
-            drawn = model.draw(fwd.condition, model.initial_noise(len(rows), 1, icfg), icfg)
-            images = [[image] for image in drawn]
-    for i, (row, text, chain_images) in enumerate(zip(rows, completions.texts, images)):
-        for j, image in enumerate(chain_images):
-            image.save(out / (f"{i:04d}.png" if len(chain_images) == 1 else f"{i:04d}-{j}.png"))
-        (out / f"{i:04d}.txt").write_text(f"{row.prompt}\n\n{text}\n")
-    sheets = [(side_by_side(ims), f"{r.prompt} | {t}") for r, t, ims in zip(rows, completions.texts, images) if ims]
+        for start in tqdm(range(0, len(rows), args.batch_size), desc="sample", unit="batch"):
+            batch = rows[start : start + args.batch_size]
+            prompts = model.build_prompts([r.as_model_row() for r in batch])
+            completions = model.generate(prompts, num_generations=1, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, generator=generator)
+            drawn: list[list] = [[] for _ in batch]
+            if image.enabled:
+                fwd = model.forward_text(prompts, completions, with_condition=True)
+                # each prompt's noise from its own index: the same image whatever the batch size
+                noise = torch.cat([model.initial_noise(1, 1, dataclasses.replace(icfg, seed=args.seed + start + i))
+                                   for i in range(len(batch))])
+                drawn = [[im] for im in model.draw(fwd.condition, noise, icfg)]
+            if rewards:
+                per_reward = score_samples(rewards, batch, completions.texts, drawn, cfg.rewards,
+                                           torch.device("cpu"), completion_id_lists(completions))
+                scores += per_reward.tolist()
+            texts += completions.texts
+            images += drawn
+    names = [r.name for r in rewards]
+    with open(out / "samples.jsonl", "w") as f:
+        for i, (row, text, chain_images) in enumerate(zip(rows, texts, images)):
+            files = []
+            for j, im in enumerate(chain_images):
+                files.append(f"{i:04d}.png" if len(chain_images) == 1 else f"{i:04d}-{j}.png")
+                im.save(out / files[-1])
+            (out / f"{i:04d}.txt").write_text(f"{row.prompt}\n\n{text}\n")
+            record = {"prompt": row.prompt, "completion": text, "images": files}
+            if scores:
+                record["rewards"] = dict(zip(names, scores[i]))
+            f.write(json.dumps(record) + "\n")
+    sheets = [(side_by_side(ims), f"{r.prompt} | {t}") for r, t, ims in zip(rows, texts, images) if ims]
     if sheets:
         contact_sheet([s[0] for s in sheets], [s[1] for s in sheets]).save(out / "contact_sheet.png")
-    print(f"wrote {sum(len(ims) for ims in images)} images, the reasoning of {len(rows)} prompts and "
-          f"contact_sheet.png to {out}")
+    summary = ""
+    if scores:
+        means = torch.tensor(scores).nanmean(0).tolist()
+        summary = "; mean " + ", ".join(f"{n}={m:.4f}" for n, m in zip(names, means))
+    print(f"wrote {sum(len(ims) for ims in images)} images and the reasoning of {len(rows)} prompts to {out} "
+          f"(samples.jsonl, contact_sheet.png){summary}")
     return 0
 
 
@@ -84,8 +136,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval_toy(args: argparse.Namespace) -> int:
-    import json
-
     from rgpo.building import build_model, load_trained
     from rgpo.config import load_config
     from rgpo.demo import default_config, evaluate_model
@@ -100,14 +150,74 @@ def _eval_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_server(args: argparse.Namespace) -> int:
+    from rgpo.rewards.server import main as serve
+
+    return serve(args.server_args)
+
+
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from rgpo.config import config_keys, load_config, to_dict, with_output_dir
+
+    if args.action == "show":
+        cfg = with_output_dir(load_config(args.config, args.overrides))
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    families = None
+    if args.family:
+        from rgpo.models import get_model_class
+
+        families = {args.family: get_model_class(args.family)}
+    else:
+        from rgpo.models import MODEL_FAMILIES as families  # noqa: N811
+    for key, type_name, default, doc in config_keys(families):
+        print(f"{key}: {type_name} = {default!r}\n    {doc}\n")
+    return 0
+
+
+TRAIN_EPILOG = """config keys (rgpo config keys lists each with its documentation; rgpo config show prints a resolved
+config): model.{family,path,options,dtype}, trainable.{mode,lora_r,full_parts,generator_lora_r},
+data.{train_file,eval_file}, rollout.{num_generations,batch_size,max_new_tokens,image.*}, rewards.functions,
+loss.{beta,image_kl_coef,image_regularizer,...}, optim.{lr,max_steps,micro_batch_size}, deepspeed.config,
+logging.output_dir, checkpoint.{every,resume}, eval.every"""
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", action="extend", nargs="+", default=[], metavar="YAML",
+                        help="YAML file(s); later ones override earlier (--config a.yaml b.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=2e-5")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own_version = version("rgpo")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        own_version = "unknown (not installed)"
     parser = argparse.ArgumentParser(prog="rgpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"rgpo {own_version}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a configuration, data or "
+                        "reward error (they print one clean message by default)")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run RGPO (single process; use scripts/train.py under deepspeed/torchrun)")
-    train.add_argument("--config", action="append", default=[], help="YAML file(s), later ones override earlier")
+    train = sub.add_parser("train", help="run RGPO (also under deepspeed / torchrun: python -m rgpo train ...)",
+                           epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_arguments(train)
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # appended by deepspeed
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.set_defaults(func=_train)
+
+    server = sub.add_parser("reward-server", add_help=False,
+                            help="serve rewards over HTTP for runs to list as `remote` (rgpo reward-server --help)")
+    server.add_argument("server_args", nargs=argparse.REMAINDER)
+    server.set_defaults(func=_reward_server)
+
+    config = sub.add_parser("config", help="show the resolved config, or list every key with its documentation")
+    config.add_argument("action", choices=["show", "keys"])
+    config.add_argument("--family", default=None, help="keys: only this family's model.options")
+    _add_config_arguments(config)
+    config.set_defaults(func=_config)
 
     sample = sub.add_parser("sample", help="reasoning chains and images from a checkpoint, with a contact sheet")
     sample.add_argument("--checkpoint", required=True)
@@ -115,7 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True)
     sample.add_argument("--limit", type=int, default=0)
     sample.add_argument("--seed", type=int, default=42)
-    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--temperature", type=float, default=None, help="default: the run's rollout.temperature")
+    sample.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
+    sample.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
+    sample.add_argument("--height", type=int, default=None, help="default: the run's image height")
+    sample.add_argument("--width", type=int, default=None, help="default: the run's image width")
+    sample.add_argument("--steps", type=int, default=None, help="denoising steps; default: the run's")
+    sample.add_argument("--no-score", action="store_true", help="do not score the samples with the run's rewards")
     sample.add_argument("--model-path", default=None,
                         help="the base model folder, when not where the checkpoint's run found it")
     sample.set_defaults(func=_sample)
@@ -150,7 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from rgpo.console import quiet_known_noise
+
+    quiet_known_noise()
+    if hasattr(args, "config") and isinstance(args.config, list):
+        # --config a.yaml b.yaml key=value: the greedy file list also took the overrides that follow it
+        args.overrides = [c for c in args.config if "=" in c] + list(args.overrides)
+        args.config = [c for c in args.config if "=" not in c]
+    from rgpo.checkpointing import ResumeError
+    from rgpo.config import ConfigError
+    from rgpo.data import DataError
+    from rgpo.rewards.registry import RewardError
+
+    user_errors = (ConfigError, DataError, RewardError, ResumeError, FileNotFoundError)
+    try:
+        return args.func(args)
+    except user_errors as e:
+        if args.debug:
+            raise
+        # A mistake in the input: one clean line naming what and where (the traceback would only bury it).
+        print(f"rgpo: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -76,8 +76,10 @@ class TrainableConfig:
 @dataclass
 class DataConfig:
     train_file: str = ""
-    """JSONL prompt file: ``prompt`` (or MindOmni's ``conversations[0].value``), optional ``images`` (paths
-    relative to the file), optional ``gt_prompt``; every other column is passed to the rewards."""
+    """JSONL prompt file, or a local Hugging Face ``datasets`` folder (``Dataset.save_to_disk``): ``prompt`` (a
+    string, or TRL's conversational list of ``{role, content}`` messages; or MindOmni's
+    ``conversations[0].value``), optional ``images`` (paths relative to the file), optional ``gt_prompt``; every
+    other column is passed to the rewards."""
     eval_file: str | None = None
     """Held-out JSONL prompt file for periodic evaluation (same format)."""
     shuffle: bool = True
@@ -261,8 +263,13 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggingConfig:
-    output_dir: str = "outputs/rgpo"
-    """Where checkpoints, samples, plots and the wandb run folder go."""
+    output_dir: str | None = None
+    """Where checkpoints, samples, plots and the wandb run folder go. None: ``outputs/run-<8 hex>``, named by the
+    run's config (everything but the logging, checkpoint and eval sections and ``optim.max_steps``), so the same
+    run relaunched resumes itself and two different runs never resume into each other."""
+    report_to: str = "wandb"
+    """The tracker: wandb, tensorboard (event files in ``<output_dir>/tensorboard``: scalars, the rollout table as
+    text, images) or none. ``metrics.jsonl`` is written either way."""
     project: str = "rgpo"
     """wandb project."""
     run_name: str | None = None
@@ -277,6 +284,8 @@ class LoggingConfig:
     """Log a table of prompts, reasoning chains, images, rewards and advantages every N steps; 0: never."""
     progress_bar: bool = True
     """Show a console progress bar on rank 0."""
+    console_samples: int = 2
+    """Chains printed on the console (prompt, reasoning, rewards) every ``table_every`` steps on rank 0; 0: none."""
 
 
 @dataclass
@@ -296,6 +305,39 @@ class EvalConfig:
     """Evaluate on ``data.eval_file`` every N steps; 0: never."""
     num_prompts: int = 5
     """Held-out prompts per evaluation (MindOmni logs 5 validation images)."""
+
+
+@dataclass
+class GuardsConfig:
+    enabled: bool = True
+    """Run the every-step invariants (``rgpo.guards``): errors stop the run, warnings log ``guard/<name>``."""
+    ratio_tolerance: float = 0.02
+    """Error: on a step's first (on-policy) pass, a chain's mean |log ratio| between update and rollout above
+    this (text tokens when the rollout recorded log-probs; rms over image SDE steps)."""
+    reference_tolerance: float = 1e-3
+    """Error: the reference's log-probs on a fixed probe chain moving by more than this since the first step."""
+    reference_probe_every: int = 1
+    """Recompute the reference probe every N steps (one extra no-grad forward of one chain); 0: never."""
+    parameter_sample: int = 8
+    """Trainable and frozen tensors (each) sampled to check an applied optimizer step moved the first, not the
+    second; 0: no check."""
+    reward_none_steps: int = 1
+    """Error: a reward returning None for every chain of the step this many steps in a row; 0: never."""
+    zero_spread_steps: int = 20
+    """Error: every group without reward spread (all advantages 0) this many steps in a row; 0: never."""
+    zero_grad_steps: int = 5
+    """Error: the gradient norm exactly 0 this many steps in a row; 0: never."""
+    symptom_steps: int = 10
+    """Warnings for a reward constant over every chain, truncation and empty chains fire once they hold this
+    many steps in a row (a short run, or a random model, shows them without being broken); 0: never."""
+    truncated_share: float = 0.5
+    """Warning: the share of chains that hit ``rollout.max_new_tokens`` above this (``symptom_steps`` in a row)."""
+    no_answer_share: float = 0.5
+    """Warning: the share of empty chains (no text before the image) above this (``symptom_steps`` in a row)."""
+    min_entropy: float = 0.01
+    """Warning: the mean token entropy (nats) below this: the policy collapsed."""
+    max_kl: float = 1.0
+    """Warning: the text KL to the reference above this: the policy runs away."""
 
 
 @dataclass
@@ -322,13 +364,16 @@ class RGPOConfig:
     """Checkpoints and resume."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation."""
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    """Every-step invariants (``rgpo.guards``)."""
     seed: int = 0
     """Global seed (model init of new parts, image-KL noise and timesteps)."""
     max_nonfinite_steps: int = 3
     """Stop the run after this many optimizer steps in a row with a NaN/inf loss or gradient (each is skipped)."""
 
-    def validate(self, world_size: int = 1) -> RGPOConfig:
-        """Cross-field checks; raises ConfigError explaining why a combination cannot run."""
+    def validate(self, world_size: int = 1, needs_data_file: bool = True) -> RGPOConfig:
+        """Cross-field checks; raises ConfigError explaining why a combination cannot run. ``needs_data_file``:
+        False when the prompts are handed to the trainer directly."""
         _check_choices(self)
         r, o = self.rollout, self.optim
         _require(r.num_generations >= 2, "rollout.num_generations", r.num_generations,
@@ -358,7 +403,8 @@ class RGPOConfig:
         _require(bool(self.rewards.functions), "rewards.functions", [], "at least one reward function")
         names = [spec.name for spec in self.rewards.functions]
         _require(len(set(names)) == len(names), "rewards.functions", names, "each reward listed once")
-        _require(bool(self.data.train_file), "data.train_file", self.data.train_file, "a JSONL prompt file")
+        _require(bool(self.data.train_file) or not needs_data_file, "data.train_file", self.data.train_file,
+                 "a JSONL prompt file or a saved datasets folder")
         return self
 
 
@@ -372,6 +418,7 @@ _CHOICES = {
     "loss.image_kl_convention": ("exact", "flow_grpo"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "logging.mode": (None, "online", "offline", "disabled"),
+    "logging.report_to": ("wandb", "tensorboard", "none"),
 }
 
 
@@ -543,6 +590,9 @@ def _build(cls: type, values: dict, prefix: str, where_map: dict | None, fallbac
         if key not in names:
             close = [n for n in names if n.startswith(str(key)[:3])]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            elsewhere = [k for k, *_ in config_keys() if k.rsplit(".", 1)[-1] == str(key)] if not prefix else []
+            if elsewhere:
+                hint = f" (did you mean {' or '.join(repr(k) for k in elsewhere)}?)"
             raise ConfigError(f"unknown key {full!r}{where}{hint}; valid keys here: {names}")
         hint_t = hints[key]
         if dataclasses.is_dataclass(hint_t) and isinstance(value, dict):
@@ -666,16 +716,41 @@ _PATH_KEYS = (("deepspeed", "config"), ("data", "train_file"), ("data", "eval_fi
 
 
 def _resolve_relative_paths(data: dict, folder: Path) -> None:
+    """One rule for every input path a YAML file names (data, DeepSpeed JSON, model folder, a reward's file and
+    weights): relative to the working directory when it exists there, else to the YAML file's folder. Output
+    folders are always relative to the working directory."""
     blocks = [(data.get(section), key) for section, key in _PATH_KEYS]
     functions = (data.get("rewards") or {}).get("functions") if isinstance(data.get("rewards"), dict) else None
-    for spec in functions if isinstance(functions, list) else []:
+    for i, spec in enumerate(functions if isinstance(functions, list) else []):
+        if isinstance(spec, str):  # the shorthand: a bare reward spec
+            spec = functions[i] = {"name": spec}
         if isinstance(spec, dict):
             blocks.append((spec.get("kwargs"), "pretrained"))
+            name = spec.get("name")
+            if isinstance(name, str) and ".py:" in name:  # a reward's own file: path/to/file.py:function
+                file, function = name.rsplit(":", 1)
+                if not Path(file).is_absolute() and not Path(file).exists() and (folder / file).exists():
+                    spec["name"] = f"{folder / file}:{function}"
     for block, key in blocks:
         if isinstance(block, dict) and isinstance(block.get(key), str) and block[key]:
             value = Path(block[key])
             if not value.is_absolute() and not value.exists() and (folder / value).exists():
                 block[key] = str(folder / value)
+
+
+def with_output_dir(cfg: RGPOConfig) -> RGPOConfig:
+    """``cfg`` with ``logging.output_dir`` filled in when it is None (see its docstring)."""
+    import hashlib
+    import json
+
+    if cfg.logging.output_dir:
+        return cfg
+    data = to_dict(cfg)
+    for section in ("logging", "checkpoint", "eval"):
+        data.pop(section)
+    data["optim"].pop("max_steps")
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, output_dir=f"outputs/run-{digest}"))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -708,3 +783,33 @@ def all_config_classes() -> list[type]:
                 if dataclasses.is_dataclass(candidate):
                     todo.append(candidate)
     return seen
+
+
+def config_keys(families: dict[str, type] | None = None) -> list[tuple[str, str, Any, str]]:
+    """``(dotted key, type, default, docstring)`` of every config key, then of each family's ``model.options``
+    (``families``: name -> model class with an ``options_class``)."""
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if dataclasses.is_dataclass(default) or (isinstance(default, list) and default
+                                                      and dataclasses.is_dataclass(default[0])):
+                default = to_dict(default) if not isinstance(default, list) else [to_dict(d) for d in default]
+            rows.append((key, _type_name(hints[f.name]), default, " ".join(docs.get(f.name, "").split())))
+
+    walk(RGPOConfig, "")
+    for name, model_cls in sorted((families or {}).items()):
+        options = getattr(model_cls, "options_class", None)
+        if options is not None:
+            start = len(rows)
+            walk(options, "model.options.")
+            rows[start:] = [(key, type_name, default, f"[family {name}] {doc}")
+                            for key, type_name, default, doc in rows[start:]]
+    return rows

@@ -28,6 +28,7 @@ class PromptRow:
     image_paths: list[str]
     columns: dict[str, Any]
     source: str  # "file:line", for error messages
+    messages: list[dict[str, Any]] | None = None  # a conversational row (TRL's format): the whole chat
 
     def load_images(self) -> list[Image.Image]:
         images = []
@@ -41,14 +42,34 @@ class PromptRow:
 
     def as_model_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"prompt": self.prompt}
+        if self.messages is not None:
+            row["messages"] = self.messages
         if self.image_paths:
             row["images"] = self.load_images()
         return row
 
 
+def _messages(prompt: Any, source: str) -> list[dict[str, Any]] | None:
+    """A conversational prompt (TRL's ``[{"role": ..., "content": ...}, ...]``), checked; None for plain text."""
+    if not isinstance(prompt, list):
+        return None
+    roles = ("system", "user", "assistant")
+    for i, message in enumerate(prompt):
+        if not (isinstance(message, dict) and message.get("role") in roles and isinstance(message.get("content"), str)):
+            raise DataError(f"{source}: prompt message {i} must be {{'role': one of {list(roles)}, 'content': a "
+                            f"string}}, got {message!r}")
+    if not any(m["role"] == "user" for m in prompt):
+        raise DataError(f"{source}: a conversational prompt needs a 'user' message, got roles "
+                        f"{[m['role'] for m in prompt]}")
+    return prompt
+
+
 def _instruction(record: dict, source: str) -> str:
     if "prompt" in record:
         prompt = record["prompt"]
+        messages = _messages(prompt, source)
+        if messages is not None:  # the instruction the rewards and logs see: the last user turn
+            prompt = [m["content"] for m in messages if m["role"] == "user"][-1]
     elif "conversations" in record:
         conv = record["conversations"]
         if not (isinstance(conv, list) and conv and isinstance(conv[0], dict) and "value" in conv[0]):
@@ -83,10 +104,36 @@ def _image_paths(record: dict, base: Path, source: str) -> list[str]:
     return paths
 
 
-def load_prompts(path: str | Path) -> list[PromptRow]:
-    """Read and validate a JSONL prompt file. Blank lines are skipped; any malformed line is an error that
-    names ``file:line``."""
+def prompt_row(record: Any, base: Path, source: str) -> PromptRow:
+    """One validated row from a record (a JSONL line or a ``datasets`` row); ``source`` names it in errors."""
+    if not isinstance(record, dict):
+        raise DataError(f"{source}: each row must be a JSON object, got {type(record).__name__}")
+    prompt = _instruction(record, source)
+    messages = _messages(record.get("prompt"), source)
+    images = _image_paths(record, base, source)
+    columns = {k: v for k, v in record.items() if k not in ("prompt", "images", "image_path", "conversations")}
+    return PromptRow(prompt, images, columns, source, messages)
+
+
+def load_prompts(path: Any) -> list[PromptRow]:
+    """Prompts from a JSONL file, a local Hugging Face ``datasets`` folder (``Dataset.save_to_disk``), or a loaded
+    ``datasets.Dataset`` / list of dicts. Blank JSONL lines are skipped; any malformed row is an error that names
+    ``file:line`` (or the dataset and row index)."""
+    if not isinstance(path, (str, Path)):
+        return _rows_of(path, Path.cwd(), f"the given {type(path).__name__}")
     path = Path(path)
+    if path.is_dir():
+        if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
+            raise DataError(f"prompt folder {path} is not a saved Hugging Face dataset (no dataset_info.json); give a "
+                            f"JSONL file or a folder written by Dataset.save_to_disk")
+        from datasets import DatasetDict, load_from_disk
+
+        dataset = load_from_disk(str(path))
+        if isinstance(dataset, DatasetDict):
+            if "train" not in dataset:
+                raise DataError(f"prompt folder {path} holds splits {sorted(dataset)}, none named 'train'")
+            dataset = dataset["train"]
+        return _rows_of(dataset, path, str(path))
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist")
     rows = []
@@ -99,14 +146,17 @@ def load_prompts(path: str | Path) -> list[PromptRow]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{source}: each line must be a JSON object, got {type(record).__name__}")
-            prompt = _instruction(record, source)
-            images = _image_paths(record, path.parent, source)
-            columns = {k: v for k, v in record.items() if k not in ("prompt", "images", "image_path", "conversations")}
-            rows.append(PromptRow(prompt, images, columns, source))
+            rows.append(prompt_row(record, path.parent, source))
     if not rows:
         raise DataError(f"prompt file {path} holds no prompts")
+    return rows
+
+
+def _rows_of(records: Any, base: Path, name: str) -> list[PromptRow]:
+    rows = [prompt_row(dict(record) if not isinstance(record, dict) else record, base, f"{name} row {i}")
+            for i, record in enumerate(records)]
+    if not rows:
+        raise DataError(f"{name} holds no prompts")
     return rows
 
 

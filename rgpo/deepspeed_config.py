@@ -79,7 +79,7 @@ def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: i
         # Overlapping the gradient reduction with the backward, and copying gradients into one contiguous buffer,
         # pay off on GPUs (side streams; less fragmentation). DeepSpeed's CPU accelerator has no streams, so on a
         # CPU both only add copies and bookkeeping to every micro-batch's backward (about 3 ms of a 45 ms update
-        # on the tiny model, measured by scripts/bench.py).
+        # on the tiny model, measured by python -m benchmarks).
         "zero_optimization.overlap_comm": torch.cuda.is_available(),
         "zero_optimization.contiguous_gradients": torch.cuda.is_available(),
         "zero_optimization.reduce_bucket_size": hidden * hidden,

@@ -30,7 +30,7 @@ def default_config() -> str:
 def clip_reward_of(cfg):
     """The ``clip_consistency`` reward the config trains with (the evaluation's judge), built by the reward
     registry as the trainer builds it."""
-    from rewards import get_reward
+    from rgpo.rewards import get_reward
 
     for spec in cfg.rewards.functions:
         if spec.name == "clip_consistency":

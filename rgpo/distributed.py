@@ -35,6 +35,16 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
+def launched_ranks() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` as the launcher set them, read before any process group exists, so that
+    every check that needs no model (config, data, rewards, checkpoint) runs before DeepSpeed starts; a plain
+    ``python`` is rank 0 of 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+    _ranks_from_mpi()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 # (rank, world size, local rank) as MPI launchers name them: Open MPI, then MPICH / Intel MPI (Hydra).
 MPI_VARIABLES = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),

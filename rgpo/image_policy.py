@@ -260,19 +260,21 @@ class ImagePolicy:
                 for key in keys for m in range(self.M)]
 
     # ------------------------------------------------------------------------------------------- rewards
-    def score(self, rewards: list, rows, texts: list[str], record: ImageRollout,
-              global_indices: list[int]) -> torch.Tensor:
+    def score(self, rewards: list, rows, texts: list[str], record: ImageRollout, global_indices: list[int],
+              completion_ids: list[list[int]] | None = None) -> torch.Tensor:
         """Each chain's (n, R) rewards. One deterministic image per chain: the chain with its image. N x M: every
         image scored on its own, a chain's reward the mean over its M images (for the text advantages), and the
         within-chain image advantages stored on the record (rewards gathered across ranks first, as the text
         side does). ``global_indices``: the chains' indices in the step's global batch."""
         if not self.per_image:
-            return score_samples(rewards, rows, texts, record.per_chain(), self.rewards_cfg, self.device)
+            return score_samples(rewards, rows, texts, record.per_chain(), self.rewards_cfg, self.device,
+                                 completion_ids)
         M = self.M
         image_rows_data = [row for row in rows for _ in range(M)]
         image_texts = [text for text in texts for _ in range(M)]
+        image_ids = None if completion_ids is None else [ids for ids in completion_ids for _ in range(M)]
         per_image = score_samples(rewards, image_rows_data, image_texts, [[im] for im in record.images],
-                                  self.rewards_cfg, self.device)
+                                  self.rewards_cfg, self.device, image_ids)
         weights = [r.weight for r in rewards]
         lc = self.loss_cfg
         advantages, _, totals = global_advantages(per_image, weights, image_rows(global_indices, M), M,
@@ -336,6 +338,9 @@ class ImagePolicy:
             with torch.no_grad(), reference() as ref_model:
                 ref_inputs = self._inputs(ref_model, rollout.ref_condition, idx, negative_from)
         sampler = model.image_sampler(self.sampling)
+        if self.gaussian_kl and lc.image_kl_convention == "flow_grpo" and sampler.kind != "flow":
+            raise ValueError(f"loss.image_kl_convention=flow_grpo is Flow-GRPO's scaling of a flow SDE step; family "
+                             f"{model.family!r} samples with {sampler.kind!r} steps: use image_kl_convention=exact")
         a = traj.noise_level
         logps, kls = [], []
         for k in range(traj.x.shape[1]):

@@ -176,7 +176,7 @@ _WORD = re.compile(r"[a-z]+")
 
 def grade(completion: str, colour: str, shape: str) -> bool:
     """True when the chain's ``<answer>`` names exactly the right colour and the right shape (and no other)."""
-    from rewards.format import extract_answer
+    from rgpo.rewards.format import extract_answer
 
     answer = extract_answer(completion)
     if answer is None:
@@ -190,14 +190,14 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = 32) -> Image.I
     if colour not in COLOURS or shape not in CORNERS:
         raise ValueError(f"colour must be one of {list(COLOURS)} and shape one of {list(SHAPES)}; "
                          f"got {colour!r}, {shape!r}")
-    from rewards.shapes import paint_shape
+    from rgpo.rewards.shapes import paint_shape
 
     return paint_shape(COLOURS[colour], shape, rng, size, grey=(205, 245), scale=(0.26, 0.36), tint=15)
 
 
 def pictures(per_pair: int, seed: int, size: int = 32) -> tuple[list[Image.Image], list[str]]:
     """``per_pair`` pictures of every colour x shape pair (held-out pairs included) and their descriptions."""
-    from rewards.shapes import picture_grid
+    from rgpo.rewards.shapes import picture_grid
 
     return picture_grid(per_pair, seed, list(COLOURS), SHAPES, lambda c, s, rng: draw(c, s, rng, size), describe)
 
@@ -273,8 +273,8 @@ def evaluate(
     """
     import torch
 
-    from rewards.format import format_reward
     from rgpo.models import ImageSamplingConfig
+    from rgpo.rewards.format import format_reward
 
     icfg = ImageSamplingConfig(height=image_size, width=image_size, steps=image_steps, guidance_scale=1.0,
                                seed=seed, shared_noise=False)

@@ -68,16 +68,18 @@ class WandbLogger(NullLogger):
 
         self._wandb = wandb
         global _DATA_DIR_SET_BY_RGPO
-        if "WANDB_DATA_DIR" not in os.environ or _DATA_DIR_SET_BY_RGPO:
-            # wandb stages table media (images) under WANDB_DATA_DIR, by default outside the run folder: keep
-            # them beside the run so an offline run folder holds everything `wandb sync` needs.
-            os.environ["WANDB_DATA_DIR"] = str(Path(output_dir) / "wandb-data")
-            _DATA_DIR_SET_BY_RGPO = True
+        ours = "WANDB_DATA_DIR" not in os.environ or _DATA_DIR_SET_BY_RGPO
         mode = mode or os.environ.get("WANDB_MODE") or "online"
         self.run = wandb.init(project=project, name=name, tags=tags or None, mode=mode, config=config,
                               dir=output_dir, id=run_id, resume="allow" if run_id else None)
         self.run_id = self.run.id
         self.run_dir = getattr(self.run, "dir", None)
+        if ours and self.run_dir:
+            # wandb stages table media (images) under WANDB_DATA_DIR, by default outside the run folder (read at
+            # each log): keep them inside this run's own folder (wandb/offline-run-*/), the folder `wandb sync`
+            # uploads and a user copies.
+            os.environ["WANDB_DATA_DIR"] = str(Path(self.run_dir).parent / "staging")
+            _DATA_DIR_SET_BY_RGPO = True
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._wandb.log(metrics, step=step)
@@ -93,6 +95,42 @@ class WandbLogger(NullLogger):
 
     def finish(self) -> None:
         self._wandb.finish()
+
+
+class TensorBoardLogger(NullLogger):
+    """TensorBoard event files (``logging.report_to: tensorboard``): scalars as scalars, the rollout table as a
+    markdown text panel, images as images. Resumed runs append to the same folder (TensorBoard keeps the newest
+    value of a step)."""
+
+    def __init__(self, log_dir: str | Path, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.run_dir = str(log_dir)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, float(value), step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        lines = ["| " + " | ".join(c for c in columns if c != "image") + " |",
+                 "|" + " --- |" * sum(c != "image" for c in columns)]
+        for row in rows:
+            cells = [str(v).replace("|", "\\|").replace("\n", " ") for c, v in zip(columns, row) if c != "image"]
+            lines.append("| " + " | ".join(cells) + " |")
+            for c, v in zip(columns, row):
+                if c == "image" and isinstance(v, Image.Image):
+                    self.writer.add_image(f"{key}/images", to_uint8(v), step, dataformats="HWC")
+        self.writer.add_text(key, "\n".join(lines), step)
+
+    def log_images(self, key: str, images: list[Image.Image], captions: list[str], step: int) -> None:
+        for i, image in enumerate(images):
+            self.writer.add_image(f"{key}/{i}", to_uint8(image), step, dataformats="HWC")
+
+    def finish(self) -> None:
+        self.writer.close()
 
 
 class MetricsHistory(NullLogger):

@@ -26,12 +26,13 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-import rewards as reward_lib
 from rgpo import checkpointing as ckpt
 from rgpo import distributed as dist_utils
+from rgpo import rewards as reward_lib
 from rgpo.advantages import dapo_token_normalizer, global_advantages
 from rgpo.building import (
     apply_trainable,
@@ -42,16 +43,18 @@ from rgpo.building import (
     restore_float32_weights,
     trainable_parameters,
 )
-from rgpo.config import RGPOConfig, save_config, to_dict
+from rgpo.checkpointing import ResumeError, RunFinished
+from rgpo.config import RGPOConfig, save_config, to_dict, with_output_dir
+from rgpo.console import startup_summary
 from rgpo.data import PromptRow, PromptSampler, check_columns, load_prompts
 from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
 from rgpo.image_policy import ImagePolicy, ImageRollout
 from rgpo.losses import masked_mean, policy_loss
 from rgpo.models import Completions, Condition, PromptBatch, UnifiedModel, in_memory
 from rgpo.modes import TrainModeSwitch
-from rgpo.scoring import score_samples
+from rgpo.scoring import completion_id_lists, score_samples
 from rgpo.seeding import mix_seed, rng_state, seed_everything, set_rng_state
-from rgpo.tracking import MetricsHistory, NullLogger, PhaseTimer, WandbLogger, side_by_side
+from rgpo.tracking import MetricsHistory, NullLogger, PhaseTimer, TensorBoardLogger, WandbLogger, side_by_side
 
 
 class NonFiniteError(RuntimeError):
@@ -96,25 +99,31 @@ def lr_lambda(cfg: RGPOConfig):
 # ================================================================================================ the trainer
 class RGPOTrainer:
     def __init__(self, cfg: RGPOConfig, model: UnifiedModel | None = None, reward_fns: list | None = None,
-                 logger: NullLogger | None = None):
-        import deepspeed
-
-        self.rank, self.local_rank, self.world = dist_utils.init_distributed(cfg.deepspeed.backend)
-        self.cfg = cfg.validate(self.world)
+                 logger: NullLogger | None = None, train_dataset: Any = None, eval_dataset: Any = None):
+        """``train_dataset`` / ``eval_dataset``: prompts given directly (a ``datasets.Dataset`` or a list of row
+        dicts, as TRL's trainers take them) instead of ``data.train_file`` / ``data.eval_file``."""
+        # Everything that needs no model (config, family, data, rewards, the checkpoint to resume) is checked
+        # first, from the launcher's rank variables: bad input fails in seconds, before DeepSpeed starts.
+        self.rank, self.local_rank, self.world = dist_utils.launched_ranks()
+        cfg = with_output_dir(cfg)
+        self.cfg = cfg.validate(self.world, needs_data_file=train_dataset is None)
         self.device = torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         self.out = Path(cfg.logging.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         # What only the model's family can say about the config (its parts, regularisers, options), before any
         # model is built.
         family = model_family(cfg)
         check_family_config(cfg, family)
+        self.family = family.family
 
         # Data and rewards are checked before the model is loaded: bad input fails in seconds, not minutes.
-        self.train_rows = load_prompts(cfg.data.train_file)
-        self.eval_rows = load_prompts(cfg.data.eval_file) if cfg.data.eval_file else []
-        self.rewards = reward_fns if reward_fns is not None else [
-            reward_lib.get_reward(spec) for spec in cfg.rewards.functions]
+        self.train_rows = load_prompts(train_dataset if train_dataset is not None else cfg.data.train_file)
+        eval_source = eval_dataset if eval_dataset is not None else cfg.data.eval_file
+        self.eval_rows = load_prompts(eval_source) if eval_source else []
+        # Unique names: two rewards whose functions share a name get distinct log keys and table columns.
+        self.rewards = reward_lib.get_rewards(cfg.rewards.functions) if reward_fns is None else \
+            reward_lib.unique_names([r if isinstance(r, reward_lib.Reward) else reward_lib.get_reward(r)
+                                     for r in reward_fns])
         for reward in self.rewards:
             for column in reward_lib.registry.required_columns(reward):
                 for rows in (self.train_rows, self.eval_rows):
@@ -123,8 +132,17 @@ class RGPOTrainer:
         self.sampler = PromptSampler(len(self.train_rows), cfg.rollout.batch_size // G, G, seed=cfg.data.seed,
                                      shuffle=cfg.data.shuffle, rank=self.rank, world_size=self.world,
                                      source=f"data.train_file={cfg.data.train_file}")
-        # An unusable checkpoint is reported now, before minutes of model loading.
+        # An unusable checkpoint (or a finished run) is reported now, before minutes of model loading.
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
         resume_from, resume_state = self._find_resume()
+
+        import deepspeed
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        ranks = dist_utils.init_distributed(cfg.deepspeed.backend)
+        if ranks != (self.rank, self.local_rank, self.world):
+            raise RuntimeError(f"the process group's ranks {ranks} differ from the launcher's variables "
+                               f"{(self.rank, self.local_rank, self.world)}")
 
         ds_config = build_deepspeed_config(cfg, self.world, zero_hidden_size=family.language_hidden_size(cfg.model.path))
         self.zero_stage = zero_stage(ds_config)
@@ -161,6 +179,8 @@ class RGPOTrainer:
         self.image_policy = ImagePolicy(cfg, self.device) if cfg.rollout.image.enabled else None
         # The step's phase timer: a hook for benchmarks (a PhaseTimer subclass that also records memory, say).
         self.timer_factory: Callable[..., PhaseTimer] = PhaseTimer
+        self.last_grad_norm: float | None = None
+        self._timer = PhaseTimer()
         # train()/eval() without walking the module tree each time (the tree is final from here on)
         self.set_training = TrainModeSwitch(self.model)
         self._stop_requested = False
@@ -212,9 +232,13 @@ class RGPOTrainer:
         mode = lc.mode or os.environ.get("WANDB_MODE")
         if self.rank != 0:
             return NullLogger()
-        inner = NullLogger() if mode == "disabled" else WandbLogger(
-            project=lc.project, name=lc.run_name or self.out.name, tags=lc.tags, mode=mode,
-            config=to_dict(self.cfg), output_dir=str(self.out), run_id=run_id)
+        if lc.report_to == "tensorboard":
+            inner = TensorBoardLogger(self.out / "tensorboard", config=to_dict(self.cfg))
+        elif lc.report_to == "none" or mode == "disabled":
+            inner = NullLogger()
+        else:
+            inner = WandbLogger(project=lc.project, name=lc.run_name or self.out.name, tags=lc.tags, mode=mode,
+                                config=to_dict(self.cfg), output_dir=str(self.out), run_id=run_id)
         return MetricsHistory(inner, self.out / "metrics.jsonl")
 
     # ------------------------------------------------------------------------------------------- contexts
@@ -232,6 +256,12 @@ class RGPOTrainer:
         else:
             with self.model.adapter_disabled():
                 yield self.model
+
+    @contextmanager
+    def timed_reference(self):
+        """:meth:`reference_context`, its time charged to the step's ``update/reference`` phase."""
+        with self._timer("update/reference"), self.reference_context() as ref_model:
+            yield ref_model
 
     @contextmanager
     def gathered(self):
@@ -256,6 +286,7 @@ class RGPOTrainer:
     # ------------------------------------------------------------------------------------------- the step
     def train_step(self) -> dict[str, float]:
         timer = self.timer_factory(torch.cuda.synchronize if self.device.type == "cuda" else None)
+        self._timer = timer  # the update's reference runs are charged to update/reference
         slots = self.sampler.next_step()
         with timer("rollout"):
             rollout = self.rollout(slots, timer)
@@ -274,8 +305,11 @@ class RGPOTrainer:
         step_time = sum(v for k, v in timer.seconds.items() if "/" not in k)  # nested phases are inside these
         metrics["throughput/chains_per_s"] = self.cfg.rollout.batch_size / max(step_time, 1e-9)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics.update(trl_aliases(metrics))
         if self._should(self.cfg.logging.table_every):
             self._log_table(rollout, per_reward, local_adv)
+            if self.rank == 0 and self.cfg.logging.console_samples:
+                self._print_completions(rollout, per_reward, self.cfg.logging.console_samples)
         self._last_rollout = rollout
         return metrics
 
@@ -329,11 +363,12 @@ class RGPOTrainer:
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         """(n, R) this rank's rewards per chain (with images: as the image policy scores them)."""
+        ids = completion_id_lists(rollout.completions)
         if rollout.image_rollout is not None:
             return self.image_policy.score(self.rewards, rollout.rows, rollout.completions.texts,
-                                           rollout.image_rollout, rollout.global_indices)
+                                           rollout.image_rollout, rollout.global_indices, ids)
         return score_samples(self.rewards, rollout.rows, rollout.completions.texts, rollout.images,
-                             self.cfg.rewards, self.device)
+                             self.cfg.rewards, self.device, ids)
 
     def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """``num_iterations`` optimizer steps over the rank's chains, in micro-batches DeepSpeed accumulates.
@@ -356,6 +391,8 @@ class RGPOTrainer:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
+            norm = self.engine.get_global_grad_norm()  # before clipping, as TRL logs it
+            self.last_grad_norm = float(norm) if norm is not None else None
             if self.engine.was_step_applied():
                 self.nonfinite_in_a_row = 0
             else:
@@ -388,13 +425,13 @@ class RGPOTrainer:
         if out.entropy is not None:  # mean next-token entropy over the completions (TRL's `entropy`)
             metrics["entropy"] = masked_mean(out.entropy, completions.completion_mask)
         if images is not None and images.feature_term:  # RGPO's image KL (D_IKL) / the velocity MSE
-            image_reg = images.regularizer(self.engine, self.reference_context, self.model, out.condition,
+            image_reg = images.regularizer(self.engine, self.timed_reference, self.model, out.condition,
                                            rollout.ref_condition.select(idx),
                                            seed=mix_seed(cfg.seed, self.step, self.rank, idx[0]))
             loss = loss + lc.image_kl_coef * image_reg
             metrics["kl/image"] = image_reg.detach()
         if images is not None and images.recompute:  # image policy gradient and/or gaussian_kl
-            image_loss, image_metrics = images.loss(rollout, idx, out, self.engine, self.reference_context,
+            image_loss, image_metrics = images.loss(rollout, idx, out, self.engine, self.timed_reference,
                                                     self.model, self.negative_source)
             loss = loss + image_loss
             metrics.update(image_metrics)
@@ -427,10 +464,15 @@ class RGPOTrainer:
         metrics["reward/frac_zero_std"] = (grouped_std < 1e-6).float().mean().item()
         rename = {"kl": "kl/text", "ratio": "ratio/mean"}
         local = {rename.get(k, k): v for k, v in update_metrics.items()}
-        lengths = rollout.completions.completion_mask.sum(1).float()
-        local["completion/mean_length"] = lengths.mean().item()
-        local["completion/max_length"] = lengths.max().item()
         metrics.update(dist_utils.mean_across_ranks(local, self.device))
+        # Lengths over every rank's chains; a chain that used all max_new_tokens was cut (TRL: clipped_ratio).
+        lengths = dist_utils.all_gather_cat(rollout.completions.completion_mask.sum(1).float().to(self.device))
+        metrics["completion/mean_length"] = lengths.mean().item()
+        metrics["completion/min_length"] = lengths.min().item()
+        metrics["completion/max_length"] = lengths.max().item()
+        metrics["completion/clipped_ratio"] = (lengths >= self.cfg.rollout.max_new_tokens).float().mean().item()
+        if self.last_grad_norm is not None:
+            metrics["grad_norm"] = self.last_grad_norm
         metrics["skipped_steps"] = float(self.skipped_steps)
         if rollout.image_rollout is not None:  # within-chain image rewards (already gathered over ranks)
             metrics.update(rollout.image_rollout.metrics)
@@ -445,6 +487,32 @@ class RGPOTrainer:
         columns = ["step", "prompt", "reasoning", "image", *[r.name for r in self.rewards], "advantage"]
         self.logger.log_table("rollouts", columns, everything, step=self.step)
 
+    def summary(self) -> str:
+        """What this run is about to do (printed once on rank 0)."""
+        cfg = self.cfg
+        params = list(self.model.parameters())
+        img = cfg.rollout.image
+        images = "off" if not img.enabled else (f"{img.images_per_chain} per chain, {img.height}x{img.width}, "
+                                                 f"{img.steps} steps")
+        tracker = "none" if isinstance(self.logger, NullLogger) and not isinstance(self.logger, MetricsHistory) \
+            else (cfg.logging.mode or os.environ.get("WANDB_MODE") or "online")
+        return startup_summary(
+            family=self.family, model_path=cfg.model.path, train_prompts=len(self.train_rows),
+            eval_prompts=len(self.eval_rows), ranks=self.world,
+            trainable=sum(p.numel() for p in params if p.requires_grad),
+            total=sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params),
+            start_step=self.step, max_steps=cfg.optim.max_steps,
+            prompts_per_step=cfg.rollout.batch_size // cfg.rollout.num_generations, group=cfg.rollout.num_generations,
+            images=images, output_dir=str(self.out), tracker=f"wandb {tracker}" if tracker != "none" else "none")
+
+    def _print_completions(self, rollout: Rollout, per_reward: torch.Tensor, count: int = 2) -> None:
+        """A few of the step's chains on the console (rank 0), with their rewards."""
+        names = [r.name for r in self.rewards]
+        for i in range(min(count, len(rollout.rows))):
+            scores = ", ".join(f"{n}={v:.3f}" for n, v in zip(names, per_reward[i].tolist()))
+            text = " ".join(rollout.completions.texts[i].split())
+            _console(f"[rgpo] step {self.step} | {rollout.rows[i].prompt[:60]!r} -> {text[:160]!r} | {scores}")
+
     def _should(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
@@ -452,6 +520,8 @@ class RGPOTrainer:
     def train(self) -> dict[str, float]:
         """Run until ``optim.max_steps``; checkpoint every ``checkpoint.every`` steps and on SIGTERM/SIGINT."""
         cfg = self.cfg
+        if self.rank == 0:
+            print(self.summary(), flush=True)
         bar = _progress(self.step, cfg.optim.max_steps) if self.rank == 0 and cfg.logging.progress_bar else None
         previous = _install_stop_handlers(self)
         metrics: dict[str, float] = {}
@@ -464,8 +534,7 @@ class RGPOTrainer:
                     self.logger.log(metrics, step=self.step)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({"reward": f"{metrics['reward/total']:.3f}", "kl": f"{metrics.get('kl/text', 0):.4f}",
-                                     "len": f"{metrics['completion/mean_length']:.0f}"})
+                    bar.set_postfix(progress_fields(metrics))
                 if self._should(cfg.eval.every) and self.eval_rows:
                     self.evaluate()
                 # A signal may reach only some ranks (one node of several): any rank's request stops them all.
@@ -505,7 +574,8 @@ class RGPOTrainer:
                 indices = list(range(len(work)))
                 images = self.image_policy.draw_deterministic(self.model, policy.condition, indices, indices,
                                                               self.step, self.negative_source)
-        per_reward = score_samples(self.rewards, work, completions.texts, images, self.cfg.rewards, self.device)
+        per_reward = score_samples(self.rewards, work, completions.texts, images, self.cfg.rewards, self.device,
+                                   completion_id_lists(completions))
         kept = per_reward.tolist() if mine else []
         shown = [(side_by_side(ims), f"{row.prompt} | {text}") for row, text, ims in zip(mine, completions.texts, images)
                  if ims]
@@ -569,9 +639,13 @@ class RGPOTrainer:
         if path is None:
             return None, None
         state = ckpt.read_state(path)
-        if state.get("family") != self.cfg.model.family:
+        if state.get("family") != self.family:
             raise ValueError(f"checkpoint {path} is of model family {state.get('family')!r}, not "
-                             f"{self.cfg.model.family!r} (model.family)")
+                             f"{self.family!r} (model.family)")
+        if int(state["step"]) >= self.cfg.optim.max_steps:
+            raise RunFinished(f"the run in {self.out} is finished: its checkpoint {path.name} is at step "
+                              f"{state['step']} of optim.max_steps={self.cfg.optim.max_steps}. Raise optim.max_steps "
+                              f"to train on, or name a new logging.output_dir for a new run")
         if not any((path / "engine").glob("*model_states.pt")):
             raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed engine state: {path / 'engine'} is missing "
                                     f"or empty")
@@ -586,7 +660,47 @@ class RGPOTrainer:
                              f"same trainable section, or start a new run (checkpoint.resume=null and a new "
                              f"logging.output_dir)")
         self.sampler.check_state(state["sampler"], f"checkpoint {path}")
+        self.resume_changes = self._resume_changes(path, state)
         return path, state
+
+    # Keys whose change means another run: resuming would put one model's optimizer state into another.
+    UNSAFE_ON_RESUME = {
+        "model.path": "another base model",
+        "model.family": "another model family",
+        "model.dtype": "another dtype of the trained weights and optimizer state",
+    }
+
+    def _resume_changes(self, path: Path, state: dict) -> dict[str, tuple[Any, Any]]:
+        """Every config key that differs from the checkpoint's, reported (never silently applied); the unsafe
+        ones refused by key. The others are applied: this run uses the new values (``optim.lr`` included, see
+        :meth:`_apply_resumed_lr`)."""
+        saved = ckpt.config_with_portable_paths(state.get("config", {}), path)
+        now = ckpt.absolute_paths(to_dict(self.cfg), os.getcwd())
+        changes = {key: (old, new) for key, (old, new) in _flat_differences(saved, now).items()
+                   if key != "checkpoint.resume" and not key.startswith("trainable.")}
+        unsafe = [f"{key}: {old!r} there, {new!r} now ({self.UNSAFE_ON_RESUME[key]})"
+                  for key, (old, new) in changes.items() if key in self.UNSAFE_ON_RESUME]
+        if unsafe:
+            raise ResumeError(f"checkpoint {path} cannot continue this run: {'; '.join(unsafe)}. Resume with the "
+                              f"checkpoint's values, or start a new run in a new logging.output_dir")
+        if changes and self.rank == 0:
+            listed = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            print(f"[rgpo] resuming {path} with {len(changes)} config change(s), applied from this step on:\n{listed}",
+                  flush=True)
+        return changes
+
+    def _apply_resumed_lr(self) -> None:
+        """DeepSpeed restores the scheduler's base learning rate from the checkpoint; a changed ``optim.lr`` is the
+        one this run asked for, so the schedule continues from the same step at the new peak."""
+        lr = self.cfg.optim.lr
+        if all(base == lr for base in self.scheduler.base_lrs):
+            return
+        factor = lr_lambda(self.cfg)(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [lr] * len(self.scheduler.base_lrs)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _check_zero_layout(self, path: Path, state: dict) -> None:
         """DeepSpeed loads a ZeRO optimizer state only into the stage and number of ranks that wrote it: refuse
@@ -627,6 +741,7 @@ class RGPOTrainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.sampler.load_state_dict(state["sampler"])
+        self._apply_resumed_lr()
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
@@ -665,6 +780,61 @@ def _restore_zero3_hooks(offload) -> None:
     if coordinator is not None and not coordinator.is_invalid_trace():
         coordinator._invalidate_trace()  # the module order recorded so far no longer holds
     offload._register_deepspeed_module(offload.module)
+
+
+# TRL's GRPOTrainer names for the same figures, logged beside rgpo's so dashboards and habits carry over.
+TRL_NAMES = {
+    "reward/total": "reward",
+    "reward/std": "reward_std",
+    "reward/frac_zero_std": "frac_reward_zero_std",
+    "kl/text": "kl",
+    "lr": "learning_rate",
+    "completion/mean_length": "completions/mean_length",
+    "completion/min_length": "completions/min_length",
+    "completion/max_length": "completions/max_length",
+    "completion/clipped_ratio": "completions/clipped_ratio",
+}
+
+
+def _console(line: str) -> None:
+    """A line on the console that does not break the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+
+
+def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """The progress bar's per-step figures."""
+    fields = {"reward": f"{metrics['reward/total']:.3f}", "kl": f"{metrics.get('kl/text', 0):.4f}",
+              "len": f"{metrics['completion/mean_length']:.0f}",
+              "clipped": f"{metrics.get('completion/clipped_ratio', 0):.2f}"}
+    if "grad_norm" in metrics:
+        fields["grad"] = f"{metrics['grad_norm']:.3g}"
+    if "kl/image" in metrics:
+        fields["kl_img"] = f"{metrics['kl/image']:.4f}"
+    return fields
+
+
+def trl_aliases(metrics: dict[str, float]) -> dict[str, float]:
+    """TRL's names of the step's metrics (``rewards/<name>/mean`` for rgpo's ``reward/<name>/mean``, ...)."""
+    out = {trl: metrics[ours] for ours, trl in TRL_NAMES.items() if ours in metrics}
+    for key, value in metrics.items():
+        if key.startswith("reward/") and key.count("/") == 2:
+            out["rewards/" + key.split("/", 1)[1]] = value
+    return out
+
+
+def _flat_differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for every leaf that differs between two config dicts."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        full = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict) and key != "kwargs" and key != "options":
+            out.update(_flat_differences(a, b, full + "."))
+        elif a != b:
+            out[full] = (a, b)
+    return out
 
 
 def _progress(start: int, total: int):

@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# (WANDB_DATA_DIR is left unset: rgpo then stages table media inside each run's output folder.) Worker processes
+# (WANDB_DATA_DIR is left unset: rgpo then stages table media inside each wandb run folder.) Worker processes
 # that import this file inherit the session's folder, so only the pytest process makes (and removes) one.
 _wandb_vars = ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
 _wandb_home = None if all(v in os.environ for v in _wandb_vars) else tempfile.mkdtemp(prefix="rgpo-wandb-")

@@ -18,6 +18,8 @@ def lint(root: Path) -> subprocess.CompletedProcess:
 
 def copy_of_the_package(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "rgpo", tmp_path / "rgpo", ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    # the reward package installs as rgpo.rewards (pyproject's package-dir): the copy lays it out so
+    shutil.copytree(REPO / "rewards", tmp_path / "rgpo" / "rewards", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path
 

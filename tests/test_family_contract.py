@@ -219,27 +219,27 @@ def _rise(curve: list[float], k: int = 3) -> float:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_side_learns_a_reward_on_the_chain_and_lr_zero_stays_flat(family, tmp_path):
     signal = f"rewards.functions=[{{name: '{TESTS / 'signal_reward.py'}:letter_fraction', weight: 1.0}}]"
-    common = [signal, "optim.max_steps=12", "rollout.image.enabled=false", "loss.beta=0.0",
-              "rollout.max_new_tokens=12", "trainable.lora_r=16", "trainable.lora_alpha=32"]
-    learned = _learning_run(tmp_path / "lr", family, 3e-3, *common)
+    common = [signal, "optim.max_steps=16", "rollout.image.enabled=false", "loss.beta=0.0",
+              "rollout.max_new_tokens=8", "trainable.lora_r=16", "trainable.lora_alpha=32"]
+    learned = _learning_run(tmp_path / "lr", family, 2e-2, *common)
     control = _learning_run(tmp_path / "zero", family, 0.0, *common)
-    assert _rise(learned) > 0.05, learned
-    assert abs(_rise(control)) < 0.5 * _rise(learned), (control, learned)
+    assert _rise(learned, 4) > 0.1, learned
+    assert abs(_rise(control, 4)) < 0.5 * _rise(learned, 4), (control, learned)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_image_side_learns_a_reward_on_the_images_colour_and_lr_zero_stays_flat(family, tmp_path):
     signal = f"rewards.functions=[{{name: '{TESTS / 'image_reward.py'}:brightness', weight: 1.0}}]"
-    common = [signal, "optim.max_steps=10", "rollout.max_new_tokens=4", "rollout.image.images_per_chain=2",
+    common = [signal, "optim.max_steps=12", "rollout.max_new_tokens=4", "rollout.image.images_per_chain=2",
               "rollout.image.noise_level=0.7", "rollout.image.height=32", "rollout.image.width=32",
               "rollout.image.steps=3", "rollout.image.guidance_scale=1.0", "loss.image_pg_coef=1.0",
               "loss.image_clip_range=0.2", "loss.beta=0.0", "loss.image_kl_coef=0.0",
               "trainable.generator_lora_r=8", "loss.image_regularizer=none"]
-    learned = _learning_run(tmp_path / "lr", family, 1e-2, *common)
+    learned = _learning_run(tmp_path / "lr", family, 5e-2, *common)
     control = _learning_run(tmp_path / "zero", family, 0.0, *common)
-    assert _rise(learned) > 0.02, learned
-    assert abs(_rise(control)) < 0.5 * _rise(learned), (control, learned)
+    assert _rise(learned) > 0.05, learned
+    assert abs(_rise(control)) < 0.25 * _rise(learned), (control, learned)
 
 
 # ------------------------------------------------------------------------------------ two ranks

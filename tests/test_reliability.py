@@ -248,7 +248,7 @@ def train_more(trainer, steps: int) -> None:
     ("raise", ["'controlled'", "ZeroDivisionError", "division by zero"], ZeroDivisionError),
 ])
 def test_bad_reward_value_in_a_real_step(live, monkeypatch, mode, fragments, cause):
-    from rewards import RewardError
+    from rgpo.rewards import RewardError
 
     monkeypatch.setenv(MODE, mode)
     step = live.step
@@ -260,7 +260,7 @@ def test_bad_reward_value_in_a_real_step(live, monkeypatch, mode, fragments, cau
 
 
 def test_hanging_reward_times_out_and_keeps_earlier_checkpoints(live, monkeypatch):
-    from rewards import RewardError
+    from rgpo.rewards import RewardError
 
     monkeypatch.setenv(MODE, "ok")
     train_more(live, 1)  # a complete checkpoint of this run

@@ -53,7 +53,7 @@ def test_grade_accepts_exactly_the_right_pair():
 
 
 def test_imperfect_chains_follow_their_own_reasoning_at_the_set_rates():
-    from rewards.format import format_reward
+    from rgpo.rewards.format import format_reward
 
     rng = random.Random(0)
     rows = world.prompts("train")

@@ -162,9 +162,10 @@ def test_checkpoints_are_complete_and_pruned(short_run):
 
 def test_wandb_offline_run_holds_table_with_images_and_reasoning(short_run):
     trainer, _, _, out = short_run
-    assert list(out.glob("wandb/offline-run-*/run-*.wandb"))  # the run folder `wandb sync` uploads
-    # wandb stages the table (and its image files) for the run's artifact; rgpo keeps them beside the run.
-    staged = [p for p in (out / "wandb-data").rglob("*") if p.is_file()]
+    (run_folder,) = [p.parent for p in out.glob("wandb/offline-run-*/run-*.wandb")]  # what `wandb sync` uploads
+    # wandb stages the table (and its image files) for the run's artifact; rgpo keeps them inside that folder.
+    staged = [p for p in (run_folder / "staging").rglob("*") if p.is_file()]
+    assert not (out / "wandb-data").exists()
     tables = [json.loads(p.read_text()) for p in staged if p.read_bytes()[:20].startswith(b'{"_type": "table"')]
     assert tables, staged[:10]
     table = tables[0]

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from transformers.utils import ModelOutput
 
-from rgpo.samplers import FlowSampler
+from rgpo.samplers import ImageSampler
 from rgpo.sde import Generators, SDETrajectory
 
 # The image regularisers the trainer knows (``loss.image_regularizer``); a family lists those it supports.
@@ -471,7 +471,7 @@ class UnifiedModel(torch.nn.Module):
         release does; the default: uniform on [0, 1)."""
         return torch.rand(num, generator=generator)
 
-    def image_sampler(self, cfg: ImageSamplingConfig) -> FlowSampler:
+    def image_sampler(self, cfg: ImageSamplingConfig) -> ImageSampler:
         """The family's sampler for ``cfg.steps`` steps (its scheduler's times; see :mod:`rgpo.samplers`)."""
         raise NotImplementedError
 

@@ -195,7 +195,7 @@ def train_decoder(model: MindOmni, steps: int, batch: int, seed: int, log) -> di
 def train_clip(steps: int, seed: int, out: Path, log) -> dict:
     from safetensors.torch import save_file
 
-    from rewards.clip import train_tiny_clip
+    from rgpo.rewards.clip import train_tiny_clip
 
     images, captions = world.pictures(per_pair=60, seed=seed + 2, size=IMAGE_SIZE)
     bundle = train_tiny_clip(images, captions, steps=steps, seed=seed, batch_size=128)

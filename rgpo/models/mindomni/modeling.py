@@ -246,6 +246,8 @@ class MindOmni(UnifiedModel):
             if not all(isinstance(im, Image.Image) for im in row_images):
                 raise TypeError(f"row {i}: 'images' must be a list of PIL images")
             messages = self.chat_messages(row["prompt"], len(row_images))
+            if row.get("messages"):  # a conversational row: its own chat, the family's system prompt if it has none
+                messages = conversation_messages(row["messages"], self.system_prompt, len(row_images))
             texts.append(
                 self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             )
@@ -790,6 +792,20 @@ class MindOmni(UnifiedModel):
 
 
 # -- pure helpers ------------------------------------------------------------------------------------------------
+
+
+def conversation_messages(chat: list[dict[str, Any]], system_prompt: str, num_images: int) -> list[dict[str, Any]]:
+    """A conversational row's messages in the processor's form; the input images go into its first user turn."""
+    messages = [] if any(m["role"] == "system" for m in chat) else [
+        {"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+    placed = False
+    for message in chat:
+        content = [{"type": "text", "text": message["content"]}]
+        if message["role"] == "user" and not placed:
+            content = [{"type": "image"} for _ in range(num_images)] + content
+            placed = True
+        messages.append({"role": message["role"], "content": content})
+    return messages
 
 
 def _token_ids(tokenizer, tokens: Sequence[str]) -> list[int]:
