@@ -273,7 +273,7 @@ def evaluate(
     """
     import torch
 
-    from rgpo.models import ImageSamplingConfig
+    from rgpo.models.base import ImageSamplingConfig
     from rgpo.rewards.format import format_reward
 
     icfg = ImageSamplingConfig(height=image_size, width=image_size, steps=image_steps, guidance_scale=1.0,

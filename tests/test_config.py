@@ -179,3 +179,11 @@ def test_deepspeed_unknown_auto_key_is_named(tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed.config={path}"])
     with pytest.raises(ConfigError, match="zero_optimization.round_robin_gradients"):
         build_deepspeed_config(cfg, world_size=1)
+
+
+def test_impossible_combinations_name_where_each_key_was_set(tmp_path):
+    path = write(tmp_path, "data: {train_file: x.jsonl}\nrollout:\n  batch_size: 30\n")
+    with pytest.raises(ConfigError, match=rf"rollout\.batch_size=30 .*set rollout\.batch_size \(at {path}:3\)"):
+        load_config(path).validate()
+    with pytest.raises(ConfigError, match=r"set optim\.micro_batch_size \(from the command-line override "):
+        load_config(path, ["rollout.batch_size=32", "optim.micro_batch_size=7"]).validate()

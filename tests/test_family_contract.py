@@ -250,7 +250,7 @@ def test_image_side_learns_a_reward_on_the_images_colour_and_lr_zero_stays_flat(
 def test_two_rank_zero_step(family, stage, tmp_path):
     from two_ranks import launch_two_ranks
 
-    result = launch_two_ranks(tmp_path, f"model.family={family}", f"deepspeed.config=zero{stage}.json",
+    result = launch_two_ranks(tmp_path, f"model.family={family}", f"deepspeed.config={REPO / 'configs'}/zero{stage}.json",
                               "optim.max_steps=1", "checkpoint.every=0")
     assert result["world"] == 2 and result["zero3"] == (stage == 3)
     assert result["changed"] and set(result["changed"]) <= set(result["trainable"])

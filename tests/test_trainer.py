@@ -357,7 +357,7 @@ def test_text_only_mode_is_plain_vlm_grpo(tmp_path):
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     assert "kl/image" not in trainer.history[-1] and "timing/rollout/images" not in trainer.history[-1]
-    assert trainer._last_rollout.images == [None] * 8 and trainer._last_rollout.old_logps is None
+    assert trainer._last_rollout.images == [[]] * 8 and trainer._last_rollout.old_logps is None
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
@@ -432,7 +432,7 @@ def test_bfloat16_run_keeps_the_vae_float32_and_learns(tmp_path):
         assert b.dtype == torch.float32 and torch.equal(a, b.cpu()), name
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
-    assert all(im is not None and im.size == (64, 64) for im in trainer._last_rollout.images)
+    assert all([im.size for im in chain] == [(64, 64)] for chain in trainer._last_rollout.images)
     assert all(math.isfinite(row["loss/total"]) for row in trainer.history)
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -493,6 +493,12 @@ class UnifiedModel(torch.nn.Module):
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """Final latents -> PIL images (a VAE, or a second sampler for two-stage families)."""
         raise NotImplementedError
+
+    def rollout_context(self) -> AbstractContextManager[None]:
+        """A context the trainer draws its rollout images in (evaluation and sampling draw outside it): a family
+        with a cheaper rollout setting (BLIP3-o's fewer renderer steps) switches it here; the default does
+        nothing."""
+        return nullcontext()
 
     # -- the image pipeline, for every family -------------------------------------------------------------------
     @torch.no_grad()

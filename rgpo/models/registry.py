@@ -10,9 +10,12 @@ import os
 from typing import Any
 
 from .base import UnifiedModel
+from .blip3o import Blip3o
 from .mindomni import MindOmni
+from .nexus_gen import NexusGen
 
-MODEL_FAMILIES: dict[str, type[UnifiedModel]] = {MindOmni.family: MindOmni}
+MODEL_FAMILIES: dict[str, type[UnifiedModel]] = {MindOmni.family: MindOmni, NexusGen.family: NexusGen,
+                                                 Blip3o.family: Blip3o}
 
 
 def get_model_class(family: str) -> type[UnifiedModel]:

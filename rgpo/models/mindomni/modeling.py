@@ -704,19 +704,6 @@ class MindOmni(UnifiedModel):
             )
         return self.decoder.config.in_channels, height // factor, width // factor
 
-    def initial_noise(self, num: int, group_size: int, cfg: ImageSamplingConfig, device=None) -> torch.Tensor:
-        """Standard normal latents (num, C, h, w) from a CPU generator seeded with ``cfg.seed`` (device
-        independent); one draw per group of ``group_size`` rows when ``cfg.shared_noise``, else one per row."""
-        if group_size < 1 or num % group_size:
-            raise ValueError(f"num ({num}) must be a positive multiple of group_size ({group_size})")
-        shape = self.latent_shape(cfg.height, cfg.width)
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        if cfg.shared_noise:
-            noise = torch.randn((num // group_size, *shape), generator=gen).repeat_interleave(group_size, 0)
-        else:
-            noise = torch.randn((num, *shape), generator=gen)
-        return noise.to(device if device is not None else self.device)
-
     @torch.no_grad()
     def sample_latents(
         self,
