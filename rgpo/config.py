@@ -316,8 +316,9 @@ class GuardsConfig:
     this (text tokens when the rollout recorded log-probs; rms over image SDE steps)."""
     reference_tolerance: float = 1e-3
     """Error: the reference's log-probs on a fixed probe chain moving by more than this since the first step."""
-    reference_probe_every: int = 1
-    """Recompute the reference probe every N steps (one extra no-grad forward of one chain); 0: never."""
+    reference_probe_every: int = 10
+    """Recompute the reference probe every N steps (one extra no-grad forward of one chain: about 1.5 % of a tiny
+    CPU step, far less on real models; 1 catches a drift within the step); 0: never."""
     parameter_sample: int = 8
     """Trainable and frozen tensors (each) sampled to check an applied optimizer step moved the first, not the
     second; 0: no check."""
@@ -372,8 +373,16 @@ class RGPOConfig:
     """Stop the run after this many optimizer steps in a row with a NaN/inf loss or gradient (each is skipped)."""
 
     def validate(self, world_size: int = 1, needs_data_file: bool = True) -> RGPOConfig:
-        """Cross-field checks; raises ConfigError explaining why a combination cannot run. ``needs_data_file``:
-        False when the prompts are handed to the trainer directly."""
+        """Cross-field checks; raises ConfigError explaining why a combination cannot run, with the file:line (or
+        command-line override) each key it names came from. ``needs_data_file``: False when the prompts are handed
+        to the trainer directly."""
+        try:
+            self._validate(world_size, needs_data_file)
+        except ConfigError as e:
+            raise ConfigError(_with_origins(str(e), getattr(self, "_origins", {}))) from None
+        return self
+
+    def _validate(self, world_size: int, needs_data_file: bool) -> None:
         _check_choices(self)
         r, o = self.rollout, self.optim
         _require(r.num_generations >= 2, "rollout.num_generations", r.num_generations,
@@ -405,7 +414,6 @@ class RGPOConfig:
         _require(len(set(names)) == len(names), "rewards.functions", names, "each reward listed once")
         _require(bool(self.data.train_file) or not needs_data_file, "data.train_file", self.data.train_file,
                  "a JSONL prompt file or a saved datasets folder")
-        return self
 
 
 _CHOICES = {
@@ -420,6 +428,16 @@ _CHOICES = {
     "logging.mode": (None, "online", "offline", "disabled"),
     "logging.report_to": ("wandb", "tensorboard", "none"),
 }
+
+
+def _with_origins(message: str, origins: dict[str, str]) -> str:
+    """``message`` with where each config key it names was set (``(at run.yaml:12)``, ``(from the command-line
+    override ...)``); keys left at their defaults have no origin."""
+    import re
+
+    named = [key for key in re.findall(r"\b([a-z_]+(?:\.[a-z_]+)+)\b", message) if key in origins]
+    found = [f"{key}{origins[key]}" for key in dict.fromkeys(named) if origins[key].strip() not in message]
+    return message + ("; set " + ", ".join(found) if found else "")
 
 
 def _check_choices(cfg: RGPOConfig) -> None:
@@ -689,7 +707,9 @@ def load_config(paths: str | Path | list | None = None, overrides: list[str] | N
         parts, value = parse_override(text)
         merged = _merge(merged, _nest(parts, value))
         where[".".join(parts)] = f" (from the command-line override {text!r})"
-    return _build(RGPOConfig, merged, "", where)
+    cfg = _build(RGPOConfig, merged, "", where)
+    cfg._origins = where  # for validate()'s messages: not a field, so not saved, compared or hashed
+    return cfg
 
 
 def _load_with_bases(path: Path) -> tuple[dict, dict[str, str]]:
@@ -750,7 +770,9 @@ def with_output_dir(cfg: RGPOConfig) -> RGPOConfig:
         data.pop(section)
     data["optim"].pop("max_steps")
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, output_dir=f"outputs/run-{digest}"))
+    named = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, output_dir=f"outputs/run-{digest}"))
+    named._origins = getattr(cfg, "_origins", {})
+    return named
 
 
 def to_dict(cfg: Any) -> dict:

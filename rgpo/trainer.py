@@ -48,6 +48,7 @@ from rgpo.config import RGPOConfig, save_config, to_dict, with_output_dir
 from rgpo.console import startup_summary
 from rgpo.data import PromptRow, PromptSampler, check_columns, load_prompts
 from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
+from rgpo.guards import StepGuards
 from rgpo.image_policy import ImagePolicy, ImageRollout
 from rgpo.losses import masked_mean, policy_loss
 from rgpo.models import Completions, Condition, PromptBatch, UnifiedModel, in_memory
@@ -177,6 +178,8 @@ class RGPOTrainer:
         # The whole image side: drawing (one deterministic image per chain is its degenerate case), scoring,
         # the regulariser and the image policy gradient.
         self.image_policy = ImagePolicy(cfg, self.device) if cfg.rollout.image.enabled else None
+        self.guards = StepGuards(cfg.guards, rank=self.rank, group_size=cfg.rollout.num_generations, model=self.model,
+                                 reward_names=[r.name for r in self.rewards], resume_state=resume_state)
         # The step's phase timer: a hook for benchmarks (a PhaseTimer subclass that also records memory, say).
         self.timer_factory: Callable[..., PhaseTimer] = PhaseTimer
         self.last_grad_norm: float | None = None
@@ -292,15 +295,22 @@ class RGPOTrainer:
             rollout = self.rollout(slots, timer)
         with timer("rewards"):
             per_reward = self.score(rollout)  # (n, R) on this rank, NaN where a reward does not apply
+        with timer("guards"):  # rgpo.guards: raises GuardError before a step that would train on nothing
+            self.guards.after_rewards(self.step + 1, rollout, per_reward, [r.weight for r in self.rewards],
+                                      self.reference_context, self.image_policy is not None)
         with timer("advantages"):
             weights = [r.weight for r in self.rewards]
             local_adv, all_rewards, total = global_advantages(
                 per_reward, weights, rollout.global_indices, self.cfg.rollout.num_generations,
                 self.cfg.loss.advantage_scale, self.cfg.loss.advantage_eps)
+        scheduled_lr = self.scheduler.get_last_lr()[0]  # this step's learning rate, as the schedule sets it
         with timer("update"):
             update_metrics = self.update(rollout, local_adv)
         self.step += 1
         metrics = self._step_metrics(rollout, all_rewards, total, update_metrics)
+        with timer("guards"):
+            metrics.update(self.guards.after_update(self.step, metrics, self.last_grad_norm,
+                                                    self.engine.was_step_applied(), scheduled_lr))
         metrics.update(timer.metrics())
         step_time = sum(v for k, v in timer.seconds.items() if "/" not in k)  # nested phases are inside these
         metrics["throughput/chains_per_s"] = self.cfg.rollout.batch_size / max(step_time, 1e-9)
@@ -335,7 +345,7 @@ class RGPOTrainer:
                         ref = ref_model.forward_text(prompts, completions, with_condition=need_ref_condition)
             images, image_rollout = [[] for _ in rows], None
             if images_on:
-                with timer("rollout/images"):
+                with timer("rollout/images"), model.rollout_context():
                     images, image_rollout = self.image_policy.draw(model, policy.condition, slots, self.step,
                                                                    self.negative_source)
         return Rollout(rows, prompts, completions, policy.logps if policy is not None else None,
@@ -435,6 +445,7 @@ class RGPOTrainer:
                                                     self.model, self.negative_source)
             loss = loss + image_loss
             metrics.update(image_metrics)
+        self.guards.on_policy(idx, out.logps, rollout.old_logps, completions.completion_mask, advantages[index], metrics)
         metrics["loss/total"] = loss.detach()
         return loss, metrics
 
@@ -485,6 +496,7 @@ class RGPOTrainer:
                          *[float(v) for v in per_reward[i].tolist()], float(advantages[i])])
         everything = [r for part in dist_utils.all_gather_objects(rows) for r in part]
         columns = ["step", "prompt", "reasoning", "image", *[r.name for r in self.rewards], "advantage"]
+        self.guards.check_table(self.step, columns, everything, self.image_policy is not None)
         self.logger.log_table("rollouts", columns, everything, step=self.step)
 
     def summary(self) -> str:
@@ -611,6 +623,7 @@ class RGPOTrainer:
                      "world_size": self.world, "family": self.model.family, "skipped_steps": self.skipped_steps,
                      "nonfinite_in_a_row": self.nonfinite_in_a_row, "zero_stage": self.zero_stage,
                      "trainable_mode": cfg.trainable.mode, "cwd": os.getcwd(),
+                     "tokenizer_fingerprint": self.guards.fingerprint,
                      "config": ckpt.absolute_paths(to_dict(cfg), os.getcwd())}
             ckpt.write_state(tmp, state)
             ckpt.publish(tmp, self.step, self.out, cfg.checkpoint.keep_last)
