@@ -229,7 +229,7 @@ def phase_timer_class():
 
 # ================================================================================================ rgpo trainers
 def rgpo_config(spec: dict[str, Any], run_dir: str):
-    """The case's rgpo config: its overrides, with logging, checkpoints and evaluation off."""
+    """The case's rgpo config: its overrides, with logging, checkpoints, evaluation and the no-signal guards off."""
     from rgpo.config import load_config
 
     overrides = [
@@ -242,6 +242,10 @@ def rgpo_config(spec: dict[str, Any], run_dir: str):
         "checkpoint.resume=null",
         "optim.max_steps=1000000",
         "eval.every=0",
+        # The guards run and are timed (timing/guards), but a random tiny model has no learning signal by design:
+        # the two "trains on nothing" streaks would stop the measurement, so they are off here.
+        "guards.zero_grad_steps=0",
+        "guards.zero_spread_steps=0",
     ]
     return load_config(spec["config"], overrides)
 

@@ -146,6 +146,8 @@ def load_prompts(path: Any) -> list[PromptRow]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{source}: each line must be a JSON object, got {type(record).__name__}")
             rows.append(prompt_row(record, path.parent, source))
     if not rows:
         raise DataError(f"prompt file {path} holds no prompts")
