@@ -36,7 +36,7 @@ def naive_generate(model, prompts, *, num_generations: int, max_new_tokens: int,
     sharing and sampling as the model's ``generate`` (temperature 1, no top-k / top-p)."""
     import torch
 
-    sample = family_module(model)._sample
+    from rgpo.models.lm import sample_tokens as sample
     hf = model.hf_vlm()
     rows = prompts.input_ids.shape[0] * num_generations
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))

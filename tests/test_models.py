@@ -23,12 +23,12 @@ from rgpo.models import (
     get_model_class,
     load_model,
 )
+from rgpo.models.lm import sample_tokens as _sample
 from rgpo.models.mindomni import MindOmni
 from rgpo.models.mindomni import modeling as mindomni_module
 from rgpo.models.mindomni import omnigen as og
 from rgpo.models.mindomni.modeling import (
     ANSWER_CLOSE,
-    _sample,
     answer_condition_length,
     euler_grid,
     pack_left,

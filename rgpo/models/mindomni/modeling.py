@@ -39,6 +39,7 @@ from ..base import (
     PromptBatch,
     UnifiedModel,
 )
+from ..lm import cast_floating, sample_tokens, target_logps
 from .checkpoint import LAYOUT
 from .connector import MindOmniConnector
 from .omnigen import (
@@ -131,10 +132,10 @@ class MindOmni(UnifiedModel):
         self.pad_token_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[-1]
         )
-        _cast_floating(self.vlm, dtype)
-        _cast_floating(self.connector, dtype)
-        _cast_floating(self.decoder, dtype, buffers=True)  # the position table joins bf16 activations
-        _cast_floating(self.vae, torch.float32, buffers=True)
+        cast_floating(self.vlm, dtype)
+        cast_floating(self.connector, dtype)
+        cast_floating(self.decoder, dtype, buffers=True)  # the position table joins bf16 activations
+        cast_floating(self.vae, torch.float32, buffers=True)
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     @property
@@ -450,7 +451,7 @@ class MindOmni(UnifiedModel):
                 for step in range(max_new_tokens):
                     if banned.numel():
                         logits.index_fill_(1, banned, float("-inf"))
-                    token = _sample(logits, temperature, top_p, top_k, sample_gen)
+                    token = sample_tokens(logits, temperature, top_p, top_k, sample_gen)
                     token.masked_fill_(done, self.pad_token_id)
                     tokens.append(token)
                     done |= torch.isin(token, eos)
@@ -801,44 +802,16 @@ def _token_ids(tokenizer, tokens: Sequence[str]) -> list[int]:
     return [vocab[t] for t in tokens if t in vocab]
 
 
-def _cast_floating(module: nn.Module, dtype: torch.dtype, buffers: bool = False) -> None:
-    """Cast floating parameters (and buffers when asked) in place. VLM and connector keep their buffers (rotary
-    inverse frequencies) in fp32, as transformers' own loading does."""
-    tensors = list(module.parameters()) + (list(module.buffers()) if buffers else [])
-    for tensor in tensors:
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor.data = tensor.data.to(dtype)
 
 
 def _chunk_logps(
     norm: nn.Module, head: nn.Module, states: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) = logit[target] - logsumexp(logits), in fp32, and the entropy of the whole distribution
-    (detached: logsumexp - sum(softmax * logits)); states (n, H) pre-norm, targets (n,)."""
-    logits = head(norm(states)).float()
-    lse = logits.logsumexp(-1)
-    with torch.no_grad():
-        entropy = lse - (logits.softmax(-1) * logits).sum(-1)
-    return logits.gather(-1, targets[:, None])[:, 0] - lse, entropy
+    """:func:`~rgpo.models.lm.target_logps` of pre-norm states (n, H): norm and lm_head applied here, so one chunk
+    at a time can run under activation checkpointing."""
+    return target_logps(head(norm(states)).float(), targets)
 
 
-def _sample(
-    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One token per row from fp32 logits (B, V): temperature, then top-k, then top-p (nucleus)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - top_p
-        drop[:, -1] = False  # always keep the most likely token
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def answer_condition_length(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> int:

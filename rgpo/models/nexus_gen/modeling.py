@@ -51,6 +51,7 @@ from ..base import (
     PromptBatch,
     UnifiedModel,
 )
+from ..lm import cast_floating, sample_tokens, target_logps
 from .checkpoint import LAYOUT
 from .options import INSTRUCTION_TEMPLATE, SYSTEM_PROMPT, NexusGenOptions
 
@@ -188,9 +189,9 @@ class NexusGen(UnifiedModel):
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[-1]
         self._sigmas: dict[float, float] = {}
         for module in (self.vlm, self.prefill, self.adapter):
-            _cast_floating(module, dtype)
-        _cast_floating(self.transformer, dtype, buffers=True)
-        _cast_floating(self.vae, torch.float32, buffers=True)
+            cast_floating(module, dtype)
+        cast_floating(self.transformer, dtype, buffers=True)
+        cast_floating(self.vae, torch.float32, buffers=True)
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     @property
@@ -432,7 +433,7 @@ class NexusGen(UnifiedModel):
                 for step in range(max_new_tokens):
                     if banned.numel():
                         logits.index_fill_(1, banned, float("-inf"))
-                    token = _sample(logits, temperature, top_p, top_k, sample_gen)
+                    token = sample_tokens(logits, temperature, top_p, top_k, sample_gen)
                     token.masked_fill_(done, self.pad_token_id)
                     tokens.append(token)
                     done |= torch.isin(token, stop)
@@ -654,37 +655,13 @@ class NexusGen(UnifiedModel):
 
 
 # -- pure helpers ------------------------------------------------------------------------------------------------
-def _cast_floating(module: nn.Module, dtype: torch.dtype, buffers: bool = False) -> None:
-    tensors = list(module.parameters()) + (list(module.buffers()) if buffers else [])
-    for tensor in tensors:
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor.data = tensor.data.to(dtype)
 
 
 def _chunk_logps(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the (detached) entropy from post-norm states (n, H), targets (n,), in float32."""
-    logits = head(states).float()
-    lse = logits.logsumexp(-1)
-    with torch.no_grad():
-        entropy = lse - (logits.softmax(-1) * logits).sum(-1)
-    return logits.gather(-1, targets[:, None])[:, 0] - lse, entropy
+    """:func:`~rgpo.models.lm.target_logps` of post-norm states (n, H) through the lm_head."""
+    return target_logps(head(states).float(), targets)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from float32 logits (B, V): temperature, top-k, then top-p; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1)
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 __all__ = ["BOI", "NUM_IMAGE_TOKENS", "FluxInputs", "NexusGen", "Prefill", "build_adapter", "image_position_ids",
