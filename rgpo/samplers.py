@@ -225,18 +225,7 @@ class _AncestralSampler:
                 x = step.sample
             else:
                 x = self._plain(prediction, x, t, t_next)
-        index = torch.tensor(indices, dtype=torch.long, device=noise.device)
-        empty = x.new_zeros((x.shape[0], 0, *x.shape[1:]))
-        return SDETrajectory(
-            latents=x,
-            x=torch.stack(xs, 1) if xs else empty,
-            x_next=torch.stack(nexts, 1) if nexts else empty,
-            log_probs=torch.stack(log_probs, 1) if log_probs else x.new_zeros((x.shape[0], 0)),
-            timesteps=timesteps[index].float(),
-            next_timesteps=previous[index].float(),
-            step_indices=index,
-            noise_level=float(noise_level),
-        )
+        return SDETrajectory.from_steps(x, xs, nexts, log_probs, indices, timesteps, previous, noise_level)
 
     def transition(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                    noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:

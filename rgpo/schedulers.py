@@ -393,18 +393,7 @@ def _sample_loop(
             log_probs.append(step.log_prob)
             indices.append(i)
         x = step.sample
-    index = torch.tensor(indices, dtype=torch.long)
-    empty = x.new_zeros((x.shape[0], 0, *x.shape[1:]))
-    return SDETrajectory(
-        latents=x,
-        x=torch.stack(xs, 1) if xs else empty,
-        x_next=torch.stack(nexts, 1) if nexts else empty,
-        log_probs=torch.stack(log_probs, 1) if log_probs else x.new_zeros((x.shape[0], 0)),
-        timesteps=timesteps[index].float(),
-        next_timesteps=previous[index].float(),
-        step_indices=index,
-        noise_level=float(noise_level),
-    )
+    return SDETrajectory.from_steps(x, xs, nexts, log_probs, indices, timesteps, previous, noise_level)
 
 
 def sample_ddpm(

@@ -273,6 +273,26 @@ class SDETrajectory:
                              self.timesteps, self.next_timesteps, self.step_indices, self.noise_level)
 
     @staticmethod
+    def from_steps(latents: torch.Tensor, xs: list[torch.Tensor], nexts: list[torch.Tensor],
+                   log_probs: list[torch.Tensor], indices: list[int], times: torch.Tensor, next_times: torch.Tensor,
+                   noise_level: float) -> SDETrajectory:
+        """What a sampling loop recorded: the latents entering (``xs``) and drawn at (``nexts``) the steps
+        ``indices``, their log-probs, and every step's start and end times (``times[i]``, ``next_times[i]``, in
+        the sampler's own convention: flow time or scheduler timesteps)."""
+        index = torch.tensor(indices, dtype=torch.long, device=times.device)
+        empty = latents.new_zeros((latents.shape[0], 0, *latents.shape[1:]))
+        return SDETrajectory(
+            latents=latents,
+            x=torch.stack(xs, 1) if xs else empty,
+            x_next=torch.stack(nexts, 1) if nexts else empty,
+            log_probs=torch.stack(log_probs, 1) if log_probs else latents.new_zeros((latents.shape[0], 0)),
+            timesteps=times[index].float(),
+            next_timesteps=next_times[index].float(),
+            step_indices=index,
+            noise_level=float(noise_level),
+        )
+
+    @staticmethod
     def cat(parts: Sequence[SDETrajectory]) -> SDETrajectory:
         """The rows of several runs over the same stochastic steps, stacked in order."""
         first = parts[0]
@@ -320,15 +340,4 @@ def sample_flow(
             x = step.sample
         else:
             x = euler_step(x, v, grid[i], grid[i + 1])
-    index = torch.tensor(indices, dtype=torch.long, device=grid.device)
-    empty = x.new_zeros((x.shape[0], 0, *x.shape[1:]))
-    return SDETrajectory(
-        latents=x,
-        x=torch.stack(xs, 1) if xs else empty,
-        x_next=torch.stack(nexts, 1) if nexts else empty,
-        log_probs=torch.stack(log_probs, 1) if log_probs else x.new_zeros((x.shape[0], 0)),
-        timesteps=grid[index].float(),
-        next_timesteps=grid[index + 1].float(),
-        step_indices=index,
-        noise_level=float(noise_level),
-    )
+    return SDETrajectory.from_steps(x, xs, nexts, log_probs, indices, grid[:-1], grid[1:], noise_level)

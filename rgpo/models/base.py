@@ -278,6 +278,8 @@ class UnifiedModel(torch.nn.Module):
     """Which of :data:`IMAGE_REGULARIZERS` the family can compute."""
     random_shapes: ClassVar[tuple[str, ...]] = ()
     """Names accepted by ``model.path: random:<shape>`` (random weights at a named size)."""
+    language_config: ClassVar[str | None] = None
+    """The language model's ``config.json`` inside the released folder (for :meth:`language_hidden_size`)."""
 
     running_as_reference = False  # True inside adapter_disabled(): parts kept as frozen copies use the copy
 
@@ -319,7 +321,23 @@ class UnifiedModel(torch.nn.Module):
     @classmethod
     def language_hidden_size(cls, path: str | None) -> int | None:
         """The language model's hidden size, read without loading the model (it sizes ZeRO's communication
-        buckets, as transformers' DeepSpeed integration does); None when unknown."""
+        buckets, as transformers' DeepSpeed integration does): from :attr:`language_config` inside a checkpoint
+        folder, or from :meth:`random_shape_hidden_size` for a model built in memory; None when unknown."""
+        import json
+        import os
+
+        if path in (None, "", "tiny") or str(path).startswith("random:"):
+            return cls.random_shape_hidden_size("tiny" if path in (None, "", "tiny") else str(path).split(":", 1)[1])
+        config_file = os.path.join(path, cls.language_config) if cls.language_config else None
+        if config_file is None or not os.path.isfile(config_file):
+            return None
+        with open(config_file) as f:
+            config = json.load(f)
+        return (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
+
+    @classmethod
+    def random_shape_hidden_size(cls, shape: str) -> int | None:
+        """The language model's hidden size of a ``random:<shape>`` (``tiny`` included); None when unknown."""
         return None
 
     def apply_options(self, options: Any) -> None:

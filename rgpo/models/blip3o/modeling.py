@@ -102,6 +102,7 @@ class Blip3o(UnifiedModel):
     options_class = Blip3oOptions
     supported_regularizers = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
     random_shapes = ("tiny", "blip3o-8b", "blip3o-4b")
+    language_config = "config.json"
 
     def __init__(self, vlm: nn.Module, tokenizer: Any, queries: LatentQueries, dit: Blip3oDiT, renderer: nn.Module,
                  vae: nn.Module, dit_scheduler: Any, renderer_scheduler: Any, *, processor: Any = None,
@@ -209,21 +210,10 @@ class Blip3o(UnifiedModel):
         return model
 
     @classmethod
-    def language_hidden_size(cls, path: str | None) -> int | None:
-        import json
-        import os
+    def random_shape_hidden_size(cls, shape: str) -> int | None:
+        from .tiny import RANDOM_SHAPES
 
-        if path in (None, "", "tiny") or str(path).startswith("random:"):
-            from .tiny import RANDOM_SHAPES
-
-            shape = "tiny" if path in (None, "", "tiny") else str(path).split(":", 1)[1]
-            return RANDOM_SHAPES.get(shape, {}).get("vlm_hidden", 64 if shape == "tiny" else None)
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            return None
-        with open(config_file) as f:
-            config = json.load(f)
-        return (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
+        return RANDOM_SHAPES.get(shape, {}).get("vlm_hidden", 64 if shape == "tiny" else None)
 
     # -- prompts --------------------------------------------------------------------------------------------------
     def chat_text(self, instruction: str, num_images: int = 0) -> str:

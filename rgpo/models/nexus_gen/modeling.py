@@ -164,6 +164,7 @@ class NexusGen(UnifiedModel):
     options_class = NexusGenOptions
     supported_regularizers = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
     random_shapes = ("tiny", "nexus-gen")
+    language_config = "config.json"
 
     def __init__(self, vlm: nn.Module, processor: Any, prefill: Prefill, adapter: nn.Module, transformer: nn.Module,
                  vae: nn.Module, pooled: torch.Tensor, negative: torch.Tensor, *, dtype: torch.dtype = torch.float32):
@@ -276,21 +277,10 @@ class NexusGen(UnifiedModel):
         return model
 
     @classmethod
-    def language_hidden_size(cls, path: str | None) -> int | None:
-        import json
-        import os
+    def random_shape_hidden_size(cls, shape: str) -> int | None:
+        from .tiny import RANDOM_SHAPES
 
-        if path in (None, "", "tiny") or str(path).startswith("random:"):
-            from .tiny import RANDOM_SHAPES
-
-            shape = "tiny" if path in (None, "", "tiny") else str(path).split(":", 1)[1]
-            return RANDOM_SHAPES.get(shape, {}).get("vlm_hidden", 64 if shape == "tiny" else None)
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            return None
-        with open(config_file) as f:
-            config = json.load(f)
-        return (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
+        return RANDOM_SHAPES.get(shape, {}).get("vlm_hidden", 64 if shape == "tiny" else None)
 
     # -- prompts --------------------------------------------------------------------------------------------------
     def chat_messages(self, instruction: str, num_images: int = 0) -> list[dict[str, Any]]:
