@@ -565,6 +565,21 @@ class UnifiedModel(torch.nn.Module):
         return noise.to(device if device is not None else _device(self))
 
 
+def build_in_shape(build: Callable[..., UnifiedModel], shapes: dict[str, dict[str, Any]], shape: str, seed: int,
+                   dtype: torch.dtype, device: torch.device | str | None) -> UnifiedModel:
+    """``build(seed, dtype, **shapes[shape])`` with random weights made directly on ``device`` in ``dtype`` (no
+    float32 copy of a 7B on the way; ``"meta"`` allocates nothing): a family's ``random:<shape>`` factory."""
+    if shape not in shapes:
+        raise ValueError(f"unknown random model shape {shape!r}; known: {sorted(shapes)}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            return build(seed, dtype, **shapes[shape])
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 

@@ -31,6 +31,7 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+from ..base import build_in_shape
 from .checkpoint import LUMINA_NEXT_SFT_SCHEDULER
 from .dit import RELEASE_DIT, Blip3oDiT
 from .modeling import ADDED_TOKENS, NUM_QUERIES, Blip3o, LatentQueries
@@ -214,15 +215,7 @@ def build_random_blip3o(shape: str, seed: int = 0, dtype: torch.dtype = torch.fl
                         device: str | torch.device | None = None) -> Blip3o:
     """A BLIP3-o of a named shape with random weights, built directly on ``device`` (``"meta"``: nothing
     allocated)."""
-    if shape not in RANDOM_SHAPES:
-        raise ValueError(f"unknown random model shape {shape!r}; known: {sorted(RANDOM_SHAPES)}")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device or "cpu"):
-            return build_tiny_blip3o(seed, dtype, **RANDOM_SHAPES[shape])
-    finally:
-        torch.set_default_dtype(previous)
+    return build_in_shape(build_tiny_blip3o, RANDOM_SHAPES, shape, seed, dtype, device)
 
 
 def write_tiny_checkpoint(path: str, seed: int = 0, max_shard_size: int | str = "256KB", **sizes: Any) -> Blip3o:

@@ -17,6 +17,7 @@ from transformers import (
     Phi3Config,
 )
 
+from ..base import build_in_shape
 from ..qwen_tiny import QWEN_SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer, build_tiny_vlm
 from .connector import MindOmniConnector, phi3_config_from_dict
 from .modeling import MindOmni
@@ -179,15 +180,7 @@ def build_random_mindomni(
 ) -> MindOmni:
     """A MindOmni of a named shape (``RANDOM_SHAPES``) with random weights, built directly on ``device`` (a 7B
     initialised on a GPU takes seconds, on a CPU minutes; ``"meta"`` allocates nothing)."""
-    if shape not in RANDOM_SHAPES:
-        raise ValueError(f"unknown random model shape {shape!r}; known: {sorted(RANDOM_SHAPES)}")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialised in the run's dtype: no float32 copy of a 7B on the way
-    try:
-        with torch.device(device or "cpu"):
-            return build_tiny_mindomni(seed, dtype, **RANDOM_SHAPES[shape])
-    finally:
-        torch.set_default_dtype(previous)
+    return build_in_shape(build_tiny_mindomni, RANDOM_SHAPES, shape, seed, dtype, device)
 
 
 def write_tiny_checkpoint(path: str, seed: int = 0, **sizes: Any) -> MindOmni:

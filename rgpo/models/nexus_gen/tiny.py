@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from ..base import build_in_shape
 from ..qwen_tiny import build_tiny_processor, build_tiny_tokenizer, build_tiny_vlm
 from .checkpoint import AE_SCALING, AE_SHIFT, FLUX_DIR, axes_dims_rope, diffusers_to_bfl_vae
 from .modeling import NexusGen, Prefill, build_adapter
@@ -105,15 +106,7 @@ def build_tiny_nexus_gen(seed: int = 0, dtype: torch.dtype = torch.float32, *, w
 def build_random_nexus_gen(shape: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                            device: str | torch.device | None = None) -> NexusGen:
     """A Nexus-Gen of a named shape with random weights, built on ``device`` (``"meta"`` allocates nothing)."""
-    if shape not in RANDOM_SHAPES:
-        raise ValueError(f"unknown random model shape {shape!r}; known: {sorted(RANDOM_SHAPES)}")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device or "cpu"):
-            return build_tiny_nexus_gen(seed, dtype, **RANDOM_SHAPES[shape])
-    finally:
-        torch.set_default_dtype(previous)
+    return build_in_shape(build_tiny_nexus_gen, RANDOM_SHAPES, shape, seed, dtype, device)
 
 
 def write_tiny_checkpoint(root: str, seed: int = 0, max_shard_size: str | int = "200KB", **sizes: Any) -> NexusGen:
