@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import rewards  # noqa: E402
+import rgpo.rewards as rewards  # noqa: E402  (the repository's rewards/ folder, installed as rgpo.rewards)
 from rgpo.rewards import (  # noqa: E402
     REGISTRY,
     ClipConsistencyReward,
