@@ -12,10 +12,11 @@ from typing import Any
 from .base import UnifiedModel
 from .blip3o import Blip3o
 from .mindomni import MindOmni
+from .mm_interleaved import MMInterleaved
 from .nexus_gen import NexusGen
 
 MODEL_FAMILIES: dict[str, type[UnifiedModel]] = {MindOmni.family: MindOmni, NexusGen.family: NexusGen,
-                                                 Blip3o.family: Blip3o}
+                                                 Blip3o.family: Blip3o, MMInterleaved.family: MMInterleaved}
 
 
 def get_model_class(family: str) -> type[UnifiedModel]:
