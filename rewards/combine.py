@@ -47,6 +47,7 @@ def combine(
     parallel: bool = False,
     *,
     completion_ids: Sequence[Sequence[int]] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every reward on the batch and return ``(total, per_reward)``.
 
@@ -67,6 +68,9 @@ def combine(
         timeout: seconds each reward may take for the batch; None: no limit.
         parallel: run the rewards at the same time, each in its own thread (for rewards that wait on something
             else: a remote judge, a subprocess, another GPU). Errors are still reported in the rewards' order.
+        seconds: when given, each reward's wall-clock seconds on this batch are added to ``seconds[name]``
+            (the trainer logs them as ``timing/reward/<name>``). Under ``parallel`` each reward is timed from the
+            common start to its own end, so overlapping rewards each report their own duration.
 
     Returns:
         total: (N,) float32, ``sum_r weight_r * reward_r`` over the rewards that apply to the sample. A
@@ -97,6 +101,8 @@ def combine(
     batch = Batch(list(prompts), list(completions), None if completion_ids is None else list(completion_ids),
                   chains if chains is not None else chain_images(None, n), dict(columns))
     per_reward = torch.full((n, len(rewards)), float("nan"), dtype=torch.float32)
+    if seconds is not None:
+        rewards = [_Timed(reward, seconds) for reward in rewards]
     if parallel and len(rewards) > 1:
         # All start now, so each one's time limit counts from now (not from when the one before it finished).
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -140,6 +146,24 @@ def _check_call(reward: Any, columns: Mapping[str, Any], completion_ids: Sequenc
         )
     if completion_ids is None and reads(fn, "completion_ids"):
         raise RewardError(f"reward {name!r} needs completion_ids, but the caller passed none (completion_ids=None)")
+
+
+class _Timed:
+    """A reward that adds its wall-clock seconds per call to ``seconds[name]`` (also when it raises), timed where
+    it runs: in its own thread under ``parallel``. It keeps the reward's name and conversational form."""
+
+    def __init__(self, reward: Any, seconds: dict[str, float]) -> None:
+        self.reward, self.seconds = reward, seconds
+        self.name = reward_name(reward)
+        conversational = getattr(reward, "conversational", None)
+        self.conversational = conversational if isinstance(conversational, bool) else takes_messages(reward)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.reward(**kwargs)
+        finally:
+            self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.perf_counter() - start
 
 
 class Batch:

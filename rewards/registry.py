@@ -4,6 +4,10 @@ A reward is any callable taking TRL's keywords (``prompts``, ``completions``, ``
 every data column; see :mod:`rgpo.rewards.contract`) and returning ``list[float | None]``. Heavy rewards (a CLIP
 model) are classes, instantiated once by :func:`get_reward` with the config's kwargs; a factory such as
 ``trl.rewards.get_soft_overlong_punishment`` is called with them and returns the reward.
+
+This module and :mod:`rgpo.rewards.contract` import only the standard library: an isolated reward's worker
+(:mod:`rgpo.rewards.worker`) resolves its reward with them in an interpreter that may have none of rgpo's
+dependencies.
 """
 
 from __future__ import annotations
@@ -135,13 +139,15 @@ def get_reward(spec: Any, **kwargs: Any) -> Reward:
 
     ``spec`` is one of:
 
-    * a registered name: ``"format"``, ``"format_strict"``, ``"clip_consistency"``, ``"remote"`` (see
-      :data:`REGISTRY`);
+    * a registered name: ``"format"``, ``"format_strict"``, ``"clip_consistency"``, ``"pickscore"``,
+      ``"hpsv2"``, ``"aesthetic"``, ``"ocr"``, ``"vlm_judge"``, ``"remote"`` (see :data:`REGISTRY`);
     * a dotted path ``"package.module:function"`` or, as TRL's CLI writes it, ``"package.module.function"``
       (e.g. ``"trl.rewards.think_format_reward"``); the working directory is on the import path, so a
       ``my_rewards.py`` in it is ``"my_rewards.score"``;
     * a file path ``"path/to/file.py:function"`` (relative to the working directory; only that file is loaded);
-    * a mapping or object with ``name`` and optional ``weight`` and ``kwargs`` (a config ``RewardSpec``);
+    * a mapping or object with ``name`` and optional ``weight``, ``kwargs`` and ``python`` (a config
+      ``RewardSpec``); with ``python``, the reward runs in that interpreter, in a resident worker process
+      (:class:`rgpo.rewards.isolated.IsolatedReward`);
     * an already resolved :class:`Reward` (returned as is).
 
     A class is instantiated with ``kwargs`` (once: heavy rewards load their models in ``__init__``). A factory
@@ -154,16 +160,22 @@ def get_reward(spec: Any, **kwargs: Any) -> Reward:
     """
     if isinstance(spec, Reward):
         return spec
-    weight = 1.0
+    weight, python = 1.0, None
     if not isinstance(spec, str):
         fields = spec if isinstance(spec, Mapping) else vars(spec) if hasattr(spec, "__dict__") else {}
         if "name" not in fields:
             raise RewardError(f"reward spec must be a name string or have a 'name', got {spec!r}")
         weight = float(fields.get("weight", 1.0))
         kwargs = {**(fields.get("kwargs") or {}), **kwargs}
+        python = fields.get("python")
         spec = fields["name"]
     if not isinstance(spec, str) or not spec:
         raise RewardError(f"reward name must be a non-empty string, got {spec!r}")
+    if python:
+        from .isolated import IsolatedReward  # here, not at the top: a worker loads this module without it
+
+        isolated = IsolatedReward(spec, python, kwargs)
+        return Reward(isolated.name, isolated, weight, source=spec, conversational=isolated.conversational)
     name, target = _resolve(spec)
     fn = _instantiate(name, target, kwargs)
     if fn is not target and isinstance(getattr(fn, "log_name", None), str):

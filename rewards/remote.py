@@ -36,6 +36,7 @@ import math
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,11 @@ PROTOCOL = 1
 """Version of the wire format; a server answering another one is refused by the client."""
 
 _RETRY_STATUS = (502, 503, 504)  # a proxy or a server starting up: worth another try; 4xx / 500 are not
+
+
+def sample_keys(prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
+    """One short key per sample (CRC-32 of its prompt and completion), echoed by the server with its scores."""
+    return [f"{zlib.crc32(json.dumps([p, c], default=str).encode()):08x}" for p, c in zip(prompts, completions)]
 
 
 def encode_image(image: Any) -> str:
@@ -150,6 +156,7 @@ class RemoteReward:
                               None if completion_ids is None else completion_ids[part],
                               {k: list(v)[part] for k, v in columns.items()}, start)
             answer = self._request("/score", body)
+            self._check_keys(answer, sample_keys(prompts[part], completions[part]), start)
             for name, values in self._check_scores(answer, part.stop - part.start).items():
                 out[name].extend(values)
         return out
@@ -190,11 +197,26 @@ class RemoteReward:
             "images": encoded,
             "columns": columns,
             "names": self.names,
+            "keys": sample_keys(prompts, completions),
         }, allow_nan=False).encode()
         if self.max_request_bytes is not None and len(body) > self.max_request_bytes:
             raise self._error("/score", f"a batch of {len(chains)} samples is {len(body)} bytes, over the server's "
                                         f"limit of {self.max_request_bytes}; lower batch_size")
         return body
+
+    def _check_keys(self, answer: dict[str, Any], sent: list[str], offset: int) -> None:
+        """A server that echoes the request's per-sample ``keys`` (rgpo's does) must echo them in order: scores of
+        another batch, or of this batch reordered (a proxy mixing requests, a server sorting by image size),
+        would otherwise be paired with the wrong chains."""
+        keys = answer.get("keys")
+        if keys is None:
+            return
+        if keys != sent:
+            wrong = next((i for i, (a, b) in enumerate(zip(keys, sent)) if a != b), min(len(keys), len(sent)))
+            raise self._error("/score", f"the answer is for other samples: its key {wrong} is "
+                                        f"{keys[wrong] if wrong < len(keys) else None!r}, the request's (sample "
+                                        f"{offset + wrong}) {sent[wrong] if wrong < len(sent) else None!r} "
+                                        f"({len(keys)} keys for {len(sent)} samples)")
 
     def _check_scores(self, answer: dict[str, Any], n: int) -> dict[str, list[float | None]]:
         """The answer's scores, or an error: a wrong length or a non-number is never read as 0."""

@@ -44,7 +44,7 @@ __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "background_server", "build_app", "load_
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
 """The largest request body accepted by default: 64 MiB (a batch of 64 chains x 4 PNGs of 512 px fits)."""
 
-_SPEC_KEYS = ("name", "weight", "kwargs")
+_SPEC_KEYS = ("name", "weight", "kwargs", "python")
 
 
 class _BadRequest(Exception):
@@ -123,7 +123,8 @@ def build_app(
             scores = await anyio.to_thread.run_sync(run)
         except RewardError as e:
             return JSONResponse({"error": str(e)}, status_code=500)
-        return JSONResponse({"scores": scores})
+        # The request's per-sample keys, echoed: the client checks that these scores are for its samples, in order.
+        return JSONResponse({"scores": scores, **({"keys": job["keys"]} if job["keys"] is not None else {})})
 
     return Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/score", score, methods=["POST"])])
 
@@ -186,8 +187,11 @@ def _parse(body: bytes, by_name: Mapping[str, Reward]) -> dict[str, Any]:
     wrong = [f"{k} has {v}" for k, v in lengths.items() if v != n]
     if wrong:
         raise _BadRequest(f"request has {n} prompts but {', '.join(wrong)}; every list needs one entry per sample")
+    keys = data.get("keys")
+    if keys is not None and not (isinstance(keys, list) and len(keys) == n):
+        raise _BadRequest(f"'keys' must be null or a list of one key per sample ({n})")
     return {"rewards": [by_name[n] for n in names], "prompts": prompts, "completions": completions,
-            "images": decoded, "columns": columns, "completion_ids": ids}
+            "images": decoded, "columns": columns, "completion_ids": ids, "keys": keys}
 
 
 def _score(job: dict[str, Any], timeout_s: float | None) -> dict[str, list[float | None]]:

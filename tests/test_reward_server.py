@@ -124,7 +124,17 @@ def test_served_scores_equal_in_process(served, served_config):
     total, per = combine(local, None, batch["prompts"], batch["completions"], batch["images"], batch["columns"])
     assert per[1, 1].isnan() and per[3, 1].isnan() and not per[[0, 2, 4], 1].isnan().any()
 
+    import json
+    import urllib.request
+
+    from rgpo.rewards.remote import sample_keys
+
     remote = RemoteReward(served, weights=[1.0, 2.0], batch_size=2)  # 5 samples: three requests
+    request = json.loads(remote._body(batch["prompts"][:2], batch["completions"][:2], [[], []], None, {}, 0))
+    echoed = json.loads(urllib.request.urlopen(urllib.request.Request(
+        served + "/score", data=json.dumps({**request, "names": ["format"]}).encode(),
+        headers={"Content-Type": "application/json"})).read())
+    assert echoed["keys"] == sample_keys(batch["prompts"][:2], batch["completions"][:2])  # what the client checks
     assert remote.names == ["format", "clip_consistency"]
     values = remote.scores(batch["prompts"], batch["completions"], batch["images"], **batch["columns"])
     for j, name in enumerate(remote.names):
@@ -223,6 +233,24 @@ def test_malformed_response_is_an_error_not_a_zero(answer, pattern):
         with pytest.raises(RewardError, match=rf"reward 'remote' \({url}/score\): {pattern}"):
             combine([reward], None, ["p", "q"], ["a", "b"], None, {})
     assert fake.calls == 1  # a malformed answer is not retried
+
+
+def test_scores_for_other_samples_or_another_order_are_an_error():
+    """The server echoes each sample's key with its scores (rgpo's server does: see test_served_scores_...); an
+    answer whose keys are not the request's, in order, would pair scores with the wrong chains."""
+    from rgpo.rewards.remote import sample_keys
+
+    keys = sample_keys(["p", "q"], ["a", "b"])
+    assert len(set(keys)) == 2
+    swapped = _Fake({"scores": {"judge": [0.9, 0.1]}, "keys": keys[::-1]})
+    with background_server(swapped.app) as url, pytest.raises(
+            RewardError, match=rf"reward 'remote' \({url}/score\): the answer is for other samples: its key 0 is "
+                               rf"'{keys[1]}', the request's \(sample 0\) '{keys[0]}'"):
+        combine([get_reward("remote", url=url)], None, ["p", "q"], ["a", "b"], None, {})
+    in_order = _Fake({"scores": {"judge": [0.9, 0.1]}, "keys": keys})
+    with background_server(in_order.app) as url:
+        total, _ = combine([get_reward("remote", url=url)], None, ["p", "q"], ["a", "b"], None, {})
+    assert total.tolist() == pytest.approx([0.9, 0.1])
 
 
 def test_a_served_reward_that_fails_is_reported_not_retried(tmp_path):
