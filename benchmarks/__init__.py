@@ -12,6 +12,10 @@ steps), the throughput (chains/s, images/s, generated tokens/s) and the peak mem
 4. :mod:`benchmarks.bare_pieces`: **trainer overhead**, the step minus the same work as bare model calls.
 5. :mod:`benchmarks.ablations`: **optimisations, each on vs off**, each naive path (:mod:`benchmarks.naive`)
    checked to compute the same result.
+6. :mod:`benchmarks.floor` (``python -m benchmarks floor``): **each phase against its floor**, the work counted
+   from the model's shapes (:mod:`benchmarks.costmodel`) over the machine's measured GEMM and bandwidth peaks, the
+   compiled static-cache decode against the eager loop, and the image-cost levers; writes ``floor.md`` /
+   ``floor.json``.
 
 Every measured configuration runs in a worker subprocess of its own (several side by side only where said), one
 after the other (never in parallel), so memory numbers start from a clean process.
@@ -35,6 +39,7 @@ Usage::
     python -m benchmarks --quick --steps 2 --skip-trl --skip-scaling --skip-bare   # smoke test
     python -m benchmarks --config configs/mindomni_rgpo.yaml --set model.path=/path/to/checkpoint --steps 5
     python -m benchmarks --mindomni-7b                    # the GPU figures (random weights, released sizes)
+    python -m benchmarks floor --out bench_floor          # time / floor per phase, tiny and mid shapes (~20 min)
 
 On a shared machine, timings are only comparable within one run; the report records the load average.
 """

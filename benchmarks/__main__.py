@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import ablations, harness, rgpo_step, scaling, trl_compare
+from . import ablations, floor, harness, rgpo_step, scaling, trl_compare
 from .harness import REPO, TINY_CONFIG, log
 
 # Workers: the runner of each case kind.
-RUNNERS = {m.KIND: m.run for m in (rgpo_step, trl_compare, scaling, ablations)}
+RUNNERS = {m.KIND: m.run for m in (rgpo_step, trl_compare, scaling, ablations, floor)}
+RUNNERS[floor.LEVERS_KIND] = floor.run_levers
 # The report's sections, in order (the overhead table comes with the rgpo step's).
 SECTIONS = [rgpo_step.report_lines, scaling.report_lines, trl_compare.report_lines, ablations.report_lines]
 
@@ -100,6 +101,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["floor"]:  # python -m benchmarks floor: each phase against its floor (benchmarks/floor.py)
+        return floor.main(argv[1:])
     args = parse_args(argv)
     if args._worker:
         harness.worker_main(*args._worker, RUNNERS)
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
     base = load_config(args.config, overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks " + " ".join(argv)
     report: dict[str, Any] = {"command": command.strip()}
     t_all = time.perf_counter()
 

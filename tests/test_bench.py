@@ -78,3 +78,34 @@ def test_bench_mindomni_7b_preset_wiring(tmp_path):
     assert main["config"]["decoder_steps"] == 2 and main["images_per_step"] == 4
     assert main["config"]["lora"] == [64, 128, 0.05]
     assert "comparison" not in report and "ablations" not in report and "scaling" not in report
+
+
+@pytest.mark.slow
+def test_floor_benchmark_wiring_on_the_tiny_shape(tmp_path):
+    """``python -m benchmarks floor`` (the same command prints the same tables on a CUDA device): peaks probed,
+    every counted phase with a positive work, floor and time, the compiled-decode comparison with the same tokens
+    (here the static cache uncompiled, to keep the test short), and the image-lever cost table."""
+    out = tmp_path / "floor"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "floor", "--shapes", "tiny", "--steps", "1", "--warmup", "0",
+         "--decode-rounds", "1", "--decode-backend", "none", "--lever-steps", "1", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "floor.json").read_text())
+    (shape,) = report["shapes"]
+    assert shape["shape"] == "tiny" and shape["peaks"]["gemm_flops_per_s"] > 0
+    assert shape["peaks"]["read_bytes_per_s"] > 0
+    for phase in ("prefill", "decode", "rollout/policy_forward", "rollout/reference", "rollout/images", "update"):
+        assert shape["phase_s"][phase] > 0, phase
+        assert shape["work"][phase]["flops"] > 0 and shape["work"][phase]["bytes"] > 0, phase
+    assert shape["config"]["chains"] == 4 and shape["config"]["tokens"] == 24
+    decode = shape["decode_compare"]
+    assert decode["available"] and decode["same_tokens"] and decode["eager_s"] > 0 and decode["compiled_s"] > 0
+    levers = report["levers"]["levers"]
+    assert set(levers) == {"base", "steps4", "cfg3", "pg_full", "pg_w2", "pg_w2_cache"}
+    assert all(lever["step_s"] > 0 and lever["phase_s"]["rollout/images"] > 0 for lever in levers.values())
+    assert levers["pg_full"]["images"] == 2 * levers["pg_full"]["chains"]
+    markdown = (out / "floor.md").read_text()
+    assert "| phase | work | bound | floor | time | time / floor |" in markdown
+    assert "| decode (eager loop) |" in markdown and "## Image-cost levers" in markdown
