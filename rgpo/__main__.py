@@ -1,5 +1,5 @@
 """``python -m rgpo ...``: the ``rgpo`` command, runnable under ``deepspeed`` and ``torchrun`` launchers
-(``deepspeed --num_gpus 8 -m rgpo train --config ...``) without an installed console script."""
+(``deepspeed --num_gpus 8 --module rgpo train --config ...``) without an installed console script."""
 
 import sys
 

@@ -1,13 +1,15 @@
-"""``rgpo`` command line: ``rgpo train``, ``sample``, ``export``, ``config``, ``demo``, ``eval-toy``.
+"""``rgpo`` command line: ``rgpo train``, ``sample``, ``export``, ``config``, ``demo``, ``eval-toy``, ``eval``.
 
     rgpo train --config configs/tiny.yaml optim.max_steps=20
-    deepspeed --num_gpus 8 -m rgpo train --config configs/mindomni_rgpo.yaml model.path=/ckpt/MindOmni
+    deepspeed --num_gpus 8 --module rgpo train --config configs/mindomni_rgpo.yaml model.path=/ckpt/MindOmni
     rgpo config show --config configs/tiny.yaml optim.lr=2e-5     # the resolved config
     rgpo config keys                                               # every key with its documentation
     rgpo sample --checkpoint outputs/run-1a2b3c4d/checkpoints/step-0000050 --prompts prompts.jsonl --out samples/
     rgpo export --checkpoint outputs/run-1a2b3c4d/checkpoints/step-0000600 --out rgpo-trained/
     rgpo demo                                   # RGPO on the embedded toy world, evaluated before and after
     rgpo eval-toy --checkpoint outputs/toy_world/checkpoints/step-0000040
+    rgpo eval wise --checkpoint outputs/run-1a2b3c4d/checkpoints/step-0000600 --data WISE/data_verified \
+        --judge /models/Qwen2.5-VL-72B-Instruct --out wise/
 """
 
 from __future__ import annotations
@@ -40,13 +42,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import torch
     from tqdm.auto import tqdm
 
     from rgpo.building import load_trained
     from rgpo.data import load_prompts
+    from rgpo.evaluation.sampling import sample_chains
     from rgpo.models import ImageSamplingConfig
     from rgpo.scoring import completion_id_lists, score_samples
     from rgpo.tracking import contact_sheet, side_by_side
@@ -79,16 +80,11 @@ def _sample(args: argparse.Namespace) -> int:
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), args.batch_size), desc="sample", unit="batch"):
             batch = rows[start : start + args.batch_size]
-            prompts = model.build_prompts([r.as_model_row() for r in batch])
-            completions = model.generate(prompts, num_generations=1, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, generator=generator)
-            drawn: list[list] = [[] for _ in batch]
-            if image.enabled:
-                fwd = model.forward_text(prompts, completions, with_condition=True)
-                # each prompt's noise from its own index: the same image whatever the batch size
-                noise = torch.cat([model.initial_noise(1, 1, dataclasses.replace(icfg, seed=args.seed + start + i))
-                                   for i in range(len(batch))])
-                drawn = [[im] for im in model.draw(fwd.condition, noise, icfg)]
+            # each prompt's noise from its own index: the same image whatever the batch size
+            completions, drawn = sample_chains(model, [r.as_model_row() for r in batch], max_new_tokens=max_new_tokens,
+                                               temperature=temperature, generator=generator,
+                                               image=icfg if image.enabled else None,
+                                               noise_seeds=[args.seed + start + i for i in range(len(batch))])
             if rewards:
                 per_reward = score_samples(rewards, batch, completions.texts, drawn, cfg.rewards,
                                            torch.device("cpu"), completion_id_lists(completions))
@@ -150,6 +146,95 @@ def _eval_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_model(args: argparse.Namespace):
+    """The model an evaluation runs and its config: a training checkpoint's, loaded as ``rgpo sample`` loads it,
+    or the one ``--model-path`` names (a released-layout folder, ``tiny``, ``random:<shape>``) under ``--config``
+    and the overrides."""
+    import torch
+
+    from rgpo.building import build_model, load_trained
+    from rgpo.config import ConfigError, load_config
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.checkpoint:
+        return load_trained(args.checkpoint, device=device, model_path=args.model_path)
+    if not args.model_path:
+        raise ConfigError("give --checkpoint (a training checkpoint) or --model-path (a released-layout folder, "
+                          "tiny or random:<shape>)")
+    family = [f"model.family={args.family}"] if args.family else []
+    cfg = load_config(args.config or None, [f"model.path={args.model_path}", *family, *args.overrides])
+    return build_model(cfg, device=device).to(device).eval(), cfg
+
+
+def _eval_wise(args: argparse.Namespace) -> int:
+    import torch
+
+    from rgpo.config import ConfigError
+    from rgpo.evaluation.judge import VLMJudge, check_judge_folder, get_protocol
+    from rgpo.evaluation.sampling import sample_chains
+    from rgpo.evaluation.wise import evaluate_wise, load_wise_prompts, select_subset, summary
+    from rgpo.models import ImageSamplingConfig
+
+    # --data's list also took the key=value overrides that follow it
+    args.overrides = [d for d in args.data if "=" in d] + list(args.overrides)
+    args.data = [d for d in args.data if "=" not in d]
+    # Everything cheap is checked before the model and the judge load.
+    protocol = get_protocol(args.protocol)
+    prompts = select_subset(load_wise_prompts(args.data), args.subset, args.seed)
+    check_judge_folder(args.judge)
+    model, cfg = _eval_model(args)
+    image = cfg.rollout.image
+    if not image.enabled:
+        raise ConfigError("rollout.image.enabled=false: WISE judges the image each chain draws")
+    icfg = ImageSamplingConfig(height=args.height or image.height, width=args.width or image.width,
+                               steps=args.steps or image.steps, guidance_scale=image.guidance_scale, seed=args.seed,
+                               shared_noise=False)
+    temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
+    max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
+    judge = VLMJudge(args.judge, device=args.judge_device or next(model.parameters()).device,
+                     dtype=args.judge_dtype, batch_size=args.judge_batch_size, max_new_tokens=args.judge_max_new_tokens)
+
+    def generate(batch):
+        # The image of a prompt comes from its id's noise, whatever the batch: a resumed run draws the same.
+        gen = torch.Generator().manual_seed(args.seed + batch[0].prompt_id)
+        completions, images = sample_chains(model, [{"prompt": p.prompt} for p in batch], max_new_tokens=max_new_tokens,
+                                            temperature=temperature, generator=gen, image=icfg,
+                                            noise_seeds=[args.seed + p.prompt_id for p in batch])
+        return completions.texts, [ims[0] for ims in images]
+
+    # What every record of one evaluation must share (the subset may grow: records are per prompt).
+    settings = {"model": str(args.checkpoint or args.model_path), "judge": str(Path(args.judge).resolve()),
+                "seed": args.seed, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                "image": [icfg.height, icfg.width, icfg.steps, icfg.guidance_scale]}
+    result = evaluate_wise(prompts, out=args.out, protocol=protocol, generate=generate, judge=judge.answer,
+                           batch_size=args.batch_size, settings=settings, log=lambda m: print(f"rgpo: {m}", flush=True))
+    print(summary(result))
+    print(f"wrote {Path(args.out) / 'wise.json'}, wise_prompts.jsonl, images/ and contact_sheets/")
+    return 0
+
+
+def _eval_understanding(args: argparse.Namespace) -> int:
+    import torch
+
+    from rgpo.evaluation.sampling import sample_chains
+    from rgpo.evaluation.understanding import load_questions, score_answers
+
+    questions = load_questions(args.questions)[: args.limit or None]
+    model, cfg = _eval_model(args)
+    max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
+    texts: list[str] = []
+    for start in range(0, len(questions), args.batch_size):
+        batch = questions[start : start + args.batch_size]
+        completions, _ = sample_chains(model, [q.model_row() for q in batch], max_new_tokens=max_new_tokens,
+                                       temperature=0.0, generator=torch.Generator().manual_seed(0), image=None)
+        texts += completions.texts
+    scored = score_answers(questions, texts)
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in scored["records"]))
+    print(json.dumps({k: v for k, v in scored.items() if k != "records"}))
+    return 0
+
+
 def _reward_server(args: argparse.Namespace) -> int:
     from rgpo.rewards.server import main as serve
 
@@ -176,6 +261,15 @@ def _config(args: argparse.Namespace) -> int:
         print(f"{key}: {type_name} = {default!r}\n    {doc}\n")
     return 0
 
+
+WISE_HELP = """Generate a reasoning chain and an image for every WISE prompt, ask a local judge WISE's rubric
+question about each image, and report WISE's per-category and overall scores (rgpo.evaluation.wise).
+
+  rgpo eval wise --checkpoint outputs/run-1/checkpoints/step-0000600 --data WISE/data_verified \\
+      --judge /models/Qwen2.5-VL-72B-Instruct --out wise-step600/
+  rgpo eval wise --model-path /ckpt/MindOmni --config configs/mindomni_rgpo.yaml --data WISE/data_verified \\
+      --judge /models/Qwen2.5-VL-7B-Instruct --out wise-base/ --subset 120     # the starting model, a subset
+"""
 
 TRAIN_EPILOG = """config keys (rgpo config keys lists each with its documentation; rgpo config show prints a resolved
 config): model.{family,path,options,dtype}, trainable.{mode,lora_r,full_parts,generator_lora_r},
@@ -261,10 +355,70 @@ def build_parser() -> argparse.ArgumentParser:
     toy_eval.add_argument("--seed", type=int, default=0)
     toy_eval.add_argument("overrides", nargs="*")
     toy_eval.set_defaults(func=_eval_toy)
+
+    evaluation = sub.add_parser("eval", help="benchmarks: WISE with a local judge; the understanding probe")
+    benchmarks = evaluation.add_subparsers(dest="benchmark", required=True)
+    wise = benchmarks.add_parser("wise", help="WISE (world-knowledge text-to-image): generate, judge, score; "
+                                 "resumable", description=WISE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    understanding = benchmarks.add_parser("understanding", help="accuracy on multiple-choice questions with images")
+    for command in (wise, understanding):
+        command.add_argument("--checkpoint", default=None, help="a training checkpoint (as rgpo sample takes)")
+        command.add_argument("--model-path", default=None, help="a released-layout model folder, tiny or "
+                             "random:<shape>; with --checkpoint: the base model folder, when moved")
+        command.add_argument("--family", default=None, help="the model family (needed for tiny)")
+        command.add_argument("--config", action="extend", nargs="+", default=[], metavar="YAML",
+                             help="run config(s) for --model-path (dtype, image size, sampling)")
+        command.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+        command.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+        command.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's rollout's")
+        command.add_argument("overrides", nargs="*", help="key.sub=value config overrides (with --model-path)")
+    wise.add_argument("--data", required=True, nargs="+", help="WISE's data_verified/ folder or merge.json, or "
+                      "prompt files (the paper's: WISE_legacy/data/{cultural_common_sense,spatio-temporal_reasoning,"
+                      "natural_science}.json)")
+    wise.add_argument("--judge", required=True, help="local judge folder (Qwen2.5-VL-style model + processor)")
+    wise.add_argument("--out", required=True, help="output folder; rerun with the same one to resume")
+    wise.add_argument("--protocol", choices=["legacy", "verified"], default="legacy",
+                      help="legacy: the paper's consistency/realism/aesthetics WiScore; verified: WISE_Verified's "
+                      "binary score")
+    wise.add_argument("--subset", type=int, default=0, help="a fixed subset of N prompts spread over the "
+                      "categories; 0: all")
+    wise.add_argument("--seed", type=int, default=42, help="noise of prompt i: seed + prompt_id; subset draw")
+    wise.add_argument("--temperature", type=float, default=None, help="default: the config's rollout temperature")
+    wise.add_argument("--height", type=int, default=None, help="default: the config's image height")
+    wise.add_argument("--width", type=int, default=None, help="default: the config's image width")
+    wise.add_argument("--steps", type=int, default=None, help="denoising steps; default: the config's")
+    wise.add_argument("--judge-device", default=None, help="default: the model's device")
+    wise.add_argument("--judge-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    wise.add_argument("--judge-batch-size", type=int, default=4)
+    wise.add_argument("--judge-max-new-tokens", type=int, default=None,
+                      help="default: WISE's (2000 legacy, 500 verified)")
+    wise.set_defaults(func=_eval_wise)
+    understanding.add_argument("--questions", required=True, help="JSONL of multiple-choice questions with images")
+    understanding.add_argument("--limit", type=int, default=0, help="the first N questions; 0: all")
+    understanding.add_argument("--out", default=None, help="write each question's record to this JSONL")
+    understanding.set_defaults(func=_eval_understanding)
     return parser
 
 
+def without_launcher_arguments(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank=N`` (or ``--local_rank N``) that the ``deepspeed`` launcher puts right
+    after the module name (before rgpo's subcommand); the rank is read from the ``LOCAL_RANK`` variable the
+    launcher also sets."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = without_launcher_arguments(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     from rgpo.console import quiet_known_noise
 
@@ -276,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     from rgpo.checkpointing import ResumeError
     from rgpo.config import ConfigError
     from rgpo.data import DataError
+    from rgpo.evaluation.judge import JudgeError
     from rgpo.rewards.registry import RewardError
 
-    user_errors = (ConfigError, DataError, RewardError, ResumeError, FileNotFoundError)
+    user_errors = (ConfigError, DataError, RewardError, ResumeError, FileNotFoundError, JudgeError)
     try:
         return args.func(args)
     except user_errors as e:

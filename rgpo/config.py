@@ -120,6 +120,17 @@ class ImageConfig:
     sde_window_range: tuple[int, int] | None = None
     """Half-open range of step indices the SDE window must lie in (Flow-GRPO-Fast's sde_window_range, e.g.
     [0, 25] for the noisier half of 50 steps); None: all steps."""
+    eval_steps: int | None = None
+    """Denoising steps of evaluation images (the trainer's evaluation, ``rgpo demo``'s held-out figures); None:
+    ``steps``. Rollouts with fewer steps than evaluation draw their training images cheaper."""
+    eval_guidance_scale: float | None = None
+    """Guidance scale of the trainer's evaluation images; None: ``guidance_scale``. With ``guidance_scale: 1``
+    (CFG-free rollouts: one decoder batch per step instead of two) evaluation can still be guided."""
+    pg_condition_cache: bool = False
+    """Keep the condition KV cache when drawing images whose SDE steps an image loss replays (image PG,
+    gaussian_kl): the condition tokens run once per image, not at every step. The cached path differs from
+    the update's replay by ~1e-5, so the first on-policy ratio is ~1 instead of exactly 1. False: sample on the
+    exact (cache-free) path."""
 
 
 @dataclass
@@ -137,6 +148,11 @@ class RolloutConfig:
     """Nucleus sampling mass; 1 disables."""
     top_k: int = 0
     """Top-k sampling; 0 disables."""
+    compiled_decode: bool = False
+    """Decode the chains with a compiled one-token step on a static KV cache (``torch.compile``; CUDA graphs on
+    CUDA): the same tokens as the eager loop, compiled once per shape at the first steps. Falls back to the eager
+    loop, saying why once, where compilation is unavailable (ZeRO-3, no C++ compiler on a CPU) or for a family
+    without a compiled step. False (default): the eager loop; see the README's benchmark section for when it pays."""
     image: ImageConfig = field(default_factory=ImageConfig)
     """How each chain's image is drawn."""
 
@@ -144,12 +160,18 @@ class RolloutConfig:
 @dataclass
 class RewardSpec:
     name: str = "format"
-    """A registered reward (``format``, ``format_strict``, ``clip_consistency``), a dotted path
-    ``package.module:function``, or a file path ``path/to/file.py:function``."""
+    """A registered reward (``format``, ``format_strict``, ``clip_consistency``, ``pickscore``, ``hpsv2``,
+    ``aesthetic``, ``ocr``, ``vlm_judge``, ``remote``), a dotted path ``package.module:function``, or a file path
+    ``path/to/file.py:function``."""
     weight: float = 1.0
     """Weight of this reward in the total (MindOmni: an unweighted sum)."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for a reward class (e.g. ``pretrained`` for clip_consistency)."""
+    python: str | None = None
+    """Run the reward in this Python interpreter (``/path/to/venv/bin/python``), in a resident worker process fed
+    batches over a pipe: for a reward whose dependencies clash with rgpo's. ``name`` is then a
+    ``module:function``, ``module.function`` or ``file.py:function`` that interpreter can load; the worker is
+    restarted once if it dies (see :mod:`rgpo.rewards.isolated`). None: in the trainer's process."""
 
 
 def _default_rewards() -> list[RewardSpec]:
@@ -305,6 +327,34 @@ class EvalConfig:
     """Evaluate on ``data.eval_file`` every N steps; 0: never."""
     num_prompts: int = 5
     """Held-out prompts per evaluation (MindOmni logs 5 validation images)."""
+    before_training: bool = False
+    """Also evaluate once before the first step (step 0): the baseline a benchmark or the understanding probe is
+    read against."""
+    benchmark: str | None = None
+    """``wise``: score WISE (``rgpo.evaluation.wise``) on a fixed subset of ``benchmark_data`` every ``every``
+    steps, logging ``eval/wise/<category>``; None: no benchmark."""
+    benchmark_data: str = ""
+    """WISE's prompt files: its ``data_verified/`` folder (or ``merge.json``, or one category file)."""
+    benchmark_prompts: int = 24
+    """Size of the fixed WISE subset (spread over the six categories; drawn from ``seed``); 0: all 1000."""
+    wise_protocol: str = "legacy"
+    """WISE's rubric: ``legacy`` (the paper's: consistency, realism, aesthetics, WiScore = (0.7 C + 0.2 R + 0.1 A)
+    / 2) or ``verified`` (WISE_Verified's binary score)."""
+    judge: str = ""
+    """Folder of the local judge (a Qwen2.5-VL-style vision-language model with its processor)."""
+    judge_device: str | None = None
+    """Where the judge runs (``cpu``, ``cuda:1``): off the policy's GPU memory when set; None: the rank's device."""
+    judge_dtype: str = "bfloat16"
+    """Judge weights dtype: bfloat16, float16 or float32."""
+    judge_batch_size: int = 4
+    """Images per judge call."""
+    judge_max_new_tokens: int | None = None
+    """Judge answer budget; None: WISE's (2000 legacy, 500 verified)."""
+    understanding: str = ""
+    """JSONL of multiple-choice questions with images (``rgpo.evaluation.understanding``): the policy's accuracy
+    is logged as ``eval/understanding/accuracy``; empty: no probe."""
+    understanding_questions: int = 0
+    """Questions of ``understanding`` asked per evaluation (the first N); 0: all."""
 
 
 @dataclass
@@ -399,6 +449,8 @@ class RGPOConfig:
                 value = getattr(r.image, key)
                 _require(value > 0, f"rollout.image.{key}", value, "> 0 (the family checks its own multiple)")
             _require(r.image.steps >= 1, "rollout.image.steps", r.image.steps, ">= 1")
+            _require(r.image.eval_steps is None or r.image.eval_steps >= 1, "rollout.image.eval_steps",
+                     r.image.eval_steps, ">= 1 (or null: rollout.image.steps)")
         _require(self.loss.image_kl_timesteps >= 1, "loss.image_kl_timesteps", self.loss.image_kl_timesteps, ">= 1")
         _validate_image_policy(self)
         _require(r.temperature > 0, "rollout.temperature", r.temperature, "> 0 (sampling needs a temperature)")
@@ -414,6 +466,7 @@ class RGPOConfig:
         _require(len(set(names)) == len(names), "rewards.functions", names, "each reward listed once")
         _require(bool(self.data.train_file) or not needs_data_file, "data.train_file", self.data.train_file,
                  "a JSONL prompt file or a saved datasets folder")
+        _validate_eval(self)
 
 
 _CHOICES = {
@@ -427,6 +480,9 @@ _CHOICES = {
     "optim.schedule": ("linear", "cosine", "constant"),
     "logging.mode": (None, "online", "offline", "disabled"),
     "logging.report_to": ("wandb", "tensorboard", "none"),
+    "eval.benchmark": (None, "wise"),
+    "eval.wise_protocol": ("legacy", "verified"),
+    "eval.judge_dtype": ("bfloat16", "float16", "float32"),
 }
 
 
@@ -445,6 +501,24 @@ def _check_choices(cfg: RGPOConfig) -> None:
         value = get_key(cfg, key)
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {[v for v in valid if v is not None]}")
+
+
+def _validate_eval(cfg: RGPOConfig) -> None:
+    """A benchmark needs its prompts, a judge and images to judge; it only runs when evaluations do."""
+    e = cfg.eval
+    if e.benchmark is None and not e.understanding:
+        return
+    _require(e.every > 0 or e.before_training, "eval.every", e.every,
+             "> 0 (or eval.before_training=true) when eval.benchmark or eval.understanding is set: they run at "
+             "the evaluations")
+    if e.benchmark == "wise":
+        _require(bool(e.benchmark_data), "eval.benchmark_data", e.benchmark_data,
+                 "WISE's prompt folder (data_verified/) or file when eval.benchmark=wise")
+        _require(bool(e.judge), "eval.judge", e.judge, "a local judge model folder when eval.benchmark=wise")
+        _require(cfg.rollout.image.enabled, "rollout.image.enabled", cfg.rollout.image.enabled,
+                 "true when eval.benchmark=wise: WISE judges the images the chains draw")
+        _require(e.benchmark_prompts >= 0, "eval.benchmark_prompts", e.benchmark_prompts, ">= 0 (0: all)")
+        _require(e.judge_batch_size >= 1, "eval.judge_batch_size", e.judge_batch_size, ">= 1")
 
 
 def _validate_image_policy(cfg: RGPOConfig) -> None:
@@ -712,9 +786,46 @@ def load_config(paths: str | Path | list | None = None, overrides: list[str] | N
     return cfg
 
 
+def shipped_configs() -> Path:
+    """The folder of the configs rgpo ships (``configs/`` in a checkout, ``rgpo/configs`` once installed)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("rgpo.configs")))
+
+
+def find_config_file(path: str | Path) -> Path:
+    """``path`` when it is a file; else a shipped config of that name (``tiny``, ``tiny.yaml``, ``configs/tiny.yaml``
+    all name ``configs/tiny.yaml``), so a non-editable install runs ``rgpo train --config tiny`` from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and path.parent in (Path("."), Path("configs")):
+        for name in (path.name, f"{path.name}.yaml"):
+            if (shipped_configs() / name).is_file():
+                return shipped_configs() / name
+    shipped = sorted(p.stem for p in shipped_configs().glob("*.yaml"))
+    raise ConfigError(f"config file {path} does not exist (nor is it a shipped config; shipped: {', '.join(shipped)})")
+
+
+# ``pkg://<package>/<path>``: a file inside an installed Python package (the toy world's weights inside rgpo), so
+# a shipped config names its assets wherever rgpo is installed.
+PACKAGE_SCHEME = "pkg://"
+
+
+def package_path(value: str) -> str:
+    """``pkg://rgpo/assets/x`` -> the absolute path of ``assets/x`` inside the installed ``rgpo`` package."""
+    import importlib.resources
+
+    package, _, rel = value[len(PACKAGE_SCHEME):].partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"{value!r}: no installed package {package!r}") from e
+    return str(Path(str(root)) / rel)
+
+
 def _load_with_bases(path: Path) -> tuple[dict, dict[str, str]]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    path = find_config_file(path)
     data, where = _yaml_lines(path)
     bases = data.pop("base", None) or []
     merged: dict = {}
@@ -732,13 +843,15 @@ def _load_with_bases(path: Path) -> tuple[dict, dict[str, str]]:
 # Path-valued keys: a relative value that exists next to the YAML file (and not in the working directory) is
 # taken from there, so `rgpo train --config configs/x.yaml` works from any directory.
 # The same holds for a reward's ``pretrained`` weights file.
-_PATH_KEYS = (("deepspeed", "config"), ("data", "train_file"), ("data", "eval_file"), ("model", "path"))
+_PATH_KEYS = (("deepspeed", "config"), ("data", "train_file"), ("data", "eval_file"), ("model", "path"),
+              ("eval", "benchmark_data"), ("eval", "judge"), ("eval", "understanding"))
 
 
 def _resolve_relative_paths(data: dict, folder: Path) -> None:
     """One rule for every input path a YAML file names (data, DeepSpeed JSON, model folder, a reward's file and
-    weights): relative to the working directory when it exists there, else to the YAML file's folder. Output
-    folders are always relative to the working directory."""
+    weights): relative to the working directory when it exists there, else to the YAML file's folder;
+    ``pkg://<package>/<path>`` inside an installed package. Output folders are always relative to the working
+    directory."""
     blocks = [(data.get(section), key) for section, key in _PATH_KEYS]
     functions = (data.get("rewards") or {}).get("functions") if isinstance(data.get("rewards"), dict) else None
     for i, spec in enumerate(functions if isinstance(functions, list) else []):
@@ -752,7 +865,9 @@ def _resolve_relative_paths(data: dict, folder: Path) -> None:
                 if not Path(file).is_absolute() and not Path(file).exists() and (folder / file).exists():
                     spec["name"] = f"{folder / file}:{function}"
     for block, key in blocks:
-        if isinstance(block, dict) and isinstance(block.get(key), str) and block[key]:
+        if isinstance(block, dict) and isinstance(block.get(key), str) and block[key].startswith(PACKAGE_SCHEME):
+            block[key] = package_path(block[key])
+        elif isinstance(block, dict) and isinstance(block.get(key), str) and block[key]:
             value = Path(block[key])
             if not value.is_absolute() and not value.exists() and (folder / value).exists():
                 block[key] = str(folder / value)

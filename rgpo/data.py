@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,15 @@ def load_prompts(path: Any) -> list[PromptRow]:
         return _rows_of(dataset, path, str(path))
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist")
-    rows = []
+    rows = [prompt_row(record, path.parent, source) for source, record in jsonl_records(path)]
+    if not rows:
+        raise DataError(f"prompt file {path} holds no prompts")
+    return rows
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """Each non-blank line of a JSONL file as ``("file:line", object)``; a line that is not a JSON object is a
+    DataError naming its file and line."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -148,10 +157,7 @@ def load_prompts(path: Any) -> list[PromptRow]:
                 raise DataError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from e
             if not isinstance(record, dict):
                 raise DataError(f"{source}: each line must be a JSON object, got {type(record).__name__}")
-            rows.append(prompt_row(record, path.parent, source))
-    if not rows:
-        raise DataError(f"prompt file {path} holds no prompts")
-    return rows
+            yield source, record
 
 
 def _rows_of(records: Any, base: Path, name: str) -> list[PromptRow]:

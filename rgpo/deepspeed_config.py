@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rgpo.config import ConfigError, RGPOConfig
+from rgpo.config import ConfigError, RGPOConfig, find_config_file, shipped_configs
 
 
 def _fill(node: Any, values: dict[str, Any], path: str = "") -> Any:
@@ -56,7 +56,11 @@ def build_deepspeed_config(cfg: RGPOConfig, world_size: int, zero_hidden_size: i
     """
     path = Path(cfg.deepspeed.config)
     if not path.is_file():
-        raise ConfigError(f"deepspeed.config={str(path)!r}: file not found (shipped: configs/zero2.json, configs/zero3.json, configs/zero3_offload.json)")
+        try:  # configs/zero2.json (the default) and the other shipped JSON files, wherever rgpo is installed
+            path = find_config_file(path)
+        except ConfigError:
+            shipped = ", ".join(sorted(p.name for p in shipped_configs().glob("*.json")))
+            raise ConfigError(f"deepspeed.config={str(path)!r}: file not found (shipped: {shipped})") from None
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:

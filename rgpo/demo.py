@@ -18,13 +18,10 @@ DEFAULT_CONFIG = "configs/toy_world.yaml"
 
 
 def default_config() -> str:
-    """``configs/toy_world.yaml`` from the working directory, else from the checkout rgpo is installed from."""
-    if Path(DEFAULT_CONFIG).exists():
-        return DEFAULT_CONFIG
-    beside = Path(__file__).resolve().parents[1] / DEFAULT_CONFIG
-    if beside.exists():
-        return str(beside)
-    raise FileNotFoundError(f"{DEFAULT_CONFIG} not found in {Path.cwd()} nor beside the rgpo package; pass --config")
+    """``configs/toy_world.yaml`` from the working directory, else the one rgpo ships."""
+    from rgpo.config import find_config_file
+
+    return str(find_config_file(DEFAULT_CONFIG))
 
 
 def clip_reward_of(cfg):
@@ -45,7 +42,8 @@ def evaluate_model(model, cfg, num_prompts: int, samples_per_prompt: int, seed: 
     image = cfg.rollout.image
     return toyworld.evaluate(model, rows, clip_reward_of(cfg), samples_per_prompt=samples_per_prompt, seed=seed,
                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                             image_steps=image.steps, image_size=image.height)
+                             image_steps=image.eval_steps if image.eval_steps is not None else image.steps,
+                             image_size=image.height)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path:

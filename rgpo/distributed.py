@@ -127,3 +127,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def failed_ranks(failed: bool, device: torch.device) -> list[int]:
+    """The ranks on which ``failed`` is True, known on every rank (one all-reduce of a (world,) vector)."""
+    if world_size() == 1:
+        return [0] if failed else []
+    t = torch.zeros(world_size(), device=device)
+    t[rank()] = 1.0 if failed else 0.0
+    dist.all_reduce(t)
+    return [i for i, v in enumerate(t.tolist()) if v > 0]

@@ -20,7 +20,8 @@ What is compared (``N`` chains on the rank, ``T`` completion tokens, ``G`` group
 - the reference: its log-probs on the first step's first chain, recomputed every ``reference_probe_every``
   steps, must not move by more than ``guards.reference_tolerance``;
 - parameters: a fixed sample of trainable tensors must change after an applied optimizer step with a non-zero
-  gradient norm, and a fixed sample of frozen ones never.
+  gradient norm, and a fixed sample of frozen ones never;
+- the loss: its gradient with respect to the advantages must be non-zero where an advantage is.
 
 The thresholds live in :class:`rgpo.config.GuardsConfig` (``guards:`` in the YAML; ``guards.enabled=false`` turns
 every check off).
@@ -28,6 +29,7 @@ every check off).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import zlib
@@ -72,6 +74,7 @@ FAULT_CLASSES = {
     "ranks": "ranks disagreeing on the step, the prompt order or the rewards' shape",
     "table_images": "a rollout table whose image column lost the images",
     "advantage_alignment": "advantages paired with the wrong chains",
+    "loss_advantages": "the update's loss not depending on the advantages",
     "reward_batch": "a reward answering for the wrong batch size (rgpo.rewards.combine)",
 }
 
@@ -287,6 +290,22 @@ def rank_agreement(per_rank: Sequence[dict[str, Any]], group_size: int) -> Findi
     return None
 
 
+def loss_uses_advantages(advantages: torch.Tensor, gradient: torch.Tensor | None, eps: float = 1e-12
+                         ) -> Finding | None:
+    """The update's loss must depend on the advantages: ``gradient`` is d(loss)/d(advantages) accumulated over the
+    step's micro-batches; where a chain's advantage is non-zero it is non-zero too (the policy-gradient term is
+    ``-A_i * ratio``, whose derivative in ``A_i`` is minus the chain's token weight). A loss that never saw the
+    advantages (detached, replaced by a constant, read from the wrong tensor) trains toward nothing."""
+    moving = advantages.detach().abs() > eps
+    if not bool(moving.any()):
+        return None
+    if gradient is not None and bool((gradient[moving].abs() > 0).any()):
+        return None
+    return Finding("loss_advantages", f"the update's loss does not depend on the advantages ({int(moving.sum())} "
+                   "chains with a non-zero advantage, gradient 0 for every one). Likely cause: the advantages were "
+                   "detached or replaced before the policy-gradient term (a custom loss, a reward shaping hook)")
+
+
 def table_images(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Finding | None:
     """A rollout table with an ``image`` column: every row must carry an image there."""
     if "image" not in columns:
@@ -326,6 +345,30 @@ def threshold(value: float | None, name: str, above: float | None = None, below:
 
 
 # ================================================================================================ the stateful part
+def _on_every_rank(seam):
+    """A seam whose GuardError stops every rank, not only the one that found it: the other ranks would otherwise
+    wait in the next collective until its timeout (one all-reduce of a flag per seam, when there are ranks)."""
+
+    @functools.wraps(seam)
+    def agreed(self, *args, **kwargs):
+        if not self.cfg.enabled:
+            return seam(self, *args, **kwargs)
+        error, result = None, None
+        try:
+            result = seam(self, *args, **kwargs)
+        except GuardError as e:
+            error = e
+        failed = dist_utils.failed_ranks(error is not None, self.device)
+        if error is not None:
+            raise error
+        if failed:
+            raise GuardError(f"a guard failed at step {self._last_step} on rank(s) {failed} (the message is in that "
+                             f"rank's output); rank {self.rank} stops with it")
+        return result
+
+    return agreed
+
+
 class StepGuards:
     """The checks at the step's seams, with their streaks, the reference probe and the parameter sample.
 
@@ -334,8 +377,9 @@ class StepGuards:
     the checkpoint state being resumed (its tokenizer fingerprint is compared now)."""
 
     def __init__(self, cfg, *, rank: int, group_size: int, reward_names: Sequence[str], model: Any = None,
-                 resume_state: dict | None = None):
+                 resume_state: dict | None = None, device: torch.device | str = "cpu"):
         self.cfg, self.rank, self.G, self.names = cfg, rank, group_size, list(reward_names)
+        self.device = torch.device(device)  # where the ranks' agreement on a failure is all-reduced
         self.streaks: dict[str, int] = {}
         self._warned: set[str] = set()
         self._warnings: dict[str, float] = {}
@@ -404,6 +448,7 @@ class StepGuards:
         return out
 
     # ------------------------------------------------------------------------------------------- the seams
+    @_on_every_rank
     def after_rewards(self, step: int, rollout, per_reward: torch.Tensor, weights: Sequence[float],
                       reference: Callable[[], AbstractContextManager[Any]] | None = None,
                       images_on: bool = False) -> None:
@@ -415,16 +460,18 @@ class StepGuards:
         cfg = self.cfg
         self._warnings, self._seen_rows, self._last_step = {}, set(), step
         n = len(rollout.rows)
-        # 12 / 15: ranks agree, and the reward matrix has one row per chain and one column per reward
-        if per_reward.shape != (n, len(self.names)):
-            self._raise(Finding("reward_batch", f"the rewards came back as {tuple(per_reward.shape)} for {n} chains "
-                                f"and {len(self.names)} rewards. Likely cause: scoring skipped chains or rewards"),
-                        step)
+        # 12 / 15: ranks agree, and the reward matrix has one row per chain and one column per reward. Every
+        # collective of this seam (this gather, the reference probe) runs before any check that only this rank can
+        # fail, so a failure here never leaves another rank waiting in one (see _on_every_rank).
         mine = {"rank": self.rank, "step": step, "rewards": int(per_reward.shape[1]),
                 "indices": list(rollout.global_indices),
                 "prompts": [zlib.crc32(f"{r.source}\n{r.prompt}".encode()) for r in rollout.rows],
                 "per_reward": per_reward.float().cpu(), "empty": sum(not t.strip() for t in rollout.completions.texts)}
         per_rank = dist_utils.all_gather_objects(mine)
+        if per_reward.shape != (n, len(self.names)):
+            self._raise(Finding("reward_batch", f"the rewards came back as {tuple(per_reward.shape)} for {n} chains "
+                                f"and {len(self.names)} rewards. Likely cause: scoring skipped chains or rewards"),
+                        step)
         self._handle(rank_agreement(per_rank, self.G), step)
         order = torch.tensor([i for r in per_rank for i in r["indices"]])
         everything = torch.cat([r["per_reward"] for r in per_rank])
@@ -460,18 +507,8 @@ class StepGuards:
             self._handle(Finding("no_answer", f"{empty:.0%} of the chains are empty for {self.streaks['no_answer']} "
                                  f"steps (guards.no_answer_share={cfg.no_answer_share})", error=False, value=empty),
                          step)
-        # 4 / 5: images and conditions
-        completions = rollout.completions
-        if images_on:  # the cause (the condition) before its symptoms (the images)
-            img = rollout.image_rollout
-            if img is not None:
-                self._handle(condition_findings(img.condition, n, "policy"), step)
-            if rollout.ref_condition is not None:
-                self._handle(condition_findings(rollout.ref_condition, n, "reference"), step)
-            self._handle(condition_length_findings(completions.condition_lengths, completions.completion_mask), step)
-            for finding in image_findings(rollout.images, completions.slots()):
-                self._handle(finding, step)
         # 6: the reference on a fixed probe chain
+        completions = rollout.completions
         if reference is not None and cfg.reference_probe_every > 0:
             def reference_logps(prompts, comps) -> torch.Tensor:
                 with torch.no_grad(), reference() as ref_model:
@@ -484,9 +521,23 @@ class StepGuards:
                 prompts, comps, first = self._probe
                 self._handle(reference_drift(reference_logps(prompts, comps), first, comps.completion_mask,
                                              cfg.reference_tolerance), step)
+        # 4 / 5: images and conditions
+        if images_on:  # the cause (the condition) before its symptoms (the images)
+            img = rollout.image_rollout
+            drawn = getattr(img, "drawn", None)  # an interleaved record: one condition per drawn image
+            checks = [(d.condition, 1) for d in drawn.values()] if drawn is not None else \
+                [(img.condition, n)] if img is not None else []
+            for condition, rows in checks:
+                self._handle(condition_findings(condition, rows, "policy"), step)
+            if rollout.ref_condition is not None:
+                self._handle(condition_findings(rollout.ref_condition, n, "reference"), step)
+            self._handle(condition_length_findings(completions.condition_lengths, completions.completion_mask), step)
+            for finding in image_findings(rollout.images, completions.slots()):
+                self._handle(finding, step)
         # 7: the parameter sample the update is compared with
         self._before = self._snapshot()
 
+    @_on_every_rank
     def on_policy(self, rows: Sequence[int], logps: torch.Tensor, old_logps: torch.Tensor | None,
                   mask: torch.Tensor, advantages: torch.Tensor, metrics: dict[str, Any]) -> None:
         """In a micro-batch of chains ``rows``: on the step's first pass (rows not yet seen since
@@ -507,6 +558,20 @@ class StepGuards:
         if "image/approx_kl" in metrics:
             self._handle(image_on_policy_ratio(float(metrics["image/approx_kl"]), self.cfg.ratio_tolerance), step)
 
+    def watch_advantages(self, advantages: torch.Tensor) -> torch.Tensor:
+        """The advantages as the update should read them: a leaf whose gradient :meth:`check_advantages_used`
+        inspects after the backward passes (no extra compute: the gradient of an (N,) tensor)."""
+        if not self.cfg.enabled:
+            return advantages
+        return advantages.detach().requires_grad_(True)
+
+    @_on_every_rank
+    def check_advantages_used(self, advantages: torch.Tensor) -> None:
+        """After the update's backward passes over ``advantages`` from :meth:`watch_advantages`."""
+        if self.cfg.enabled and advantages.requires_grad:
+            self._handle(loss_uses_advantages(advantages, advantages.grad), self._last_step)
+
+    @_on_every_rank
     def after_update(self, step: int, metrics: dict[str, float], grad_norm: float | None,
                      applied: bool, scheduled_lr: float = 1.0) -> dict[str, float]:
         """After the update and the step's metrics: parameters, gradient norm, truncation, entropy, KL. Returns

@@ -166,11 +166,17 @@ class ImagePolicy:
         self.sampling = dataclasses.replace(
             self.base, noise_level=img.noise_level, sde_window=img.sde_window, sde_window_start=None,
             sde_window_range=tuple(img.sde_window_range) if img.sde_window_range else None)
+        # Evaluation may take more steps (and guidance) than the rollouts it judges.
+        self.evaluation = dataclasses.replace(
+            self.base, steps=img.eval_steps if img.eval_steps is not None else img.steps,
+            guidance_scale=img.eval_guidance_scale if img.eval_guidance_scale is not None else img.guidance_scale)
         self.gaussian_kl = lc.image_regularizer == "gaussian_kl" and lc.image_kl_coef > 0
         self.feature_term = lc.image_regularizer in ("feature_kl", "velocity_mse") and lc.image_kl_coef > 0
         self.pg = lc.image_pg_coef > 0
         # Trajectories (and the exact, cache-free sampling path) are needed only when something recomputes them.
         self.recompute = self.noise_level > 0 and (self.pg or self.gaussian_kl)
+        # The recorded steps are sampled on the replay's exact path unless the condition KV cache is kept.
+        self.exact_sampling = self.recompute and not img.pg_condition_cache
         # Images scored one by one with within-chain statistics (N x M or stochastic images); else the chain's one
         # deterministic image is scored as the chain.
         self.per_image = self.M > 1 or self.noise_level > 0
@@ -206,10 +212,13 @@ class ImagePolicy:
 
     @torch.no_grad()
     def draw_deterministic(self, model: UnifiedModel, condition: Condition, global_indices: list[int],
-                           groups: list[int], step: int, negative_from: UnifiedModel) -> list[list]:
-        """One deterministic image per chain (RGPO's rollout, evaluation), as a list per chain."""
+                           groups: list[int], step: int, negative_from: UnifiedModel,
+                           evaluation: bool = False) -> list[list]:
+        """One deterministic image per chain (RGPO's rollout; with ``evaluation``, the evaluation's steps and
+        guidance), as a list per chain."""
         noise = self.initial_noise(model, global_indices, groups, step)
-        return [[image] for image in model.draw(condition, noise, self.base, negative_from=negative_from)]
+        icfg = self.evaluation if evaluation else self.base
+        return [[image] for image in model.draw(condition, noise, icfg, negative_from=negative_from)]
 
     @torch.no_grad()
     def draw(self, model: UnifiedModel, condition: Condition, slots, step: int,
@@ -231,7 +240,7 @@ class ImagePolicy:
             rows = list(range(start, min(n, start + chunk)))
             cond = condition.select(rows).repeat_interleave(self.M)
             negative = negative_from.negative_condition(cond.num_rows) if guided else None
-            inputs = model.image_inputs(cond, negative, guidance_scale=icfg.guidance_scale, exact=self.recompute)
+            inputs = model.image_inputs(cond, negative, guidance_scale=icfg.guidance_scale, exact=self.exact_sampling)
             images_of_rows = image_rows(rows, self.M)
             out = model.sample_image_latents(inputs, noise[images_of_rows], icfg,
                                              generator=[gens[j] for j in images_of_rows] if gens else None)
@@ -261,20 +270,21 @@ class ImagePolicy:
 
     # ------------------------------------------------------------------------------------------- rewards
     def score(self, rewards: list, rows, texts: list[str], record: ImageRollout, global_indices: list[int],
-              completion_ids: list[list[int]] | None = None) -> torch.Tensor:
+              completion_ids: list[list[int]] | None = None, seconds: dict[str, float] | None = None) -> torch.Tensor:
         """Each chain's (n, R) rewards. One deterministic image per chain: the chain with its image. N x M: every
         image scored on its own, a chain's reward the mean over its M images (for the text advantages), and the
         within-chain image advantages stored on the record (rewards gathered across ranks first, as the text
-        side does). ``global_indices``: the chains' indices in the step's global batch."""
+        side does). ``global_indices``: the chains' indices in the step's global batch. ``seconds``: each reward's
+        wall-clock seconds are added to ``seconds[name]``."""
         if not self.per_image:
             return score_samples(rewards, rows, texts, record.per_chain(), self.rewards_cfg, self.device,
-                                 completion_ids)
+                                 completion_ids, seconds)
         M = self.M
         image_rows_data = [row for row in rows for _ in range(M)]
         image_texts = [text for text in texts for _ in range(M)]
         image_ids = None if completion_ids is None else [ids for ids in completion_ids for _ in range(M)]
         per_image = score_samples(rewards, image_rows_data, image_texts, [[im] for im in record.images],
-                                  self.rewards_cfg, self.device, image_ids)
+                                  self.rewards_cfg, self.device, image_ids, seconds)
         weights = [r.weight for r in rewards]
         lc = self.loss_cfg
         advantages, _, totals = global_advantages(per_image, weights, image_rows(global_indices, M), M,

@@ -1,6 +1,6 @@
 """The RGPO trainer: rollout -> rewards -> advantages -> update, under DeepSpeed ZeRO-0/1/2/3.
 
-Launch with ``deepspeed --num_gpus N -m rgpo train --config ...``, ``torchrun``, or ``rgpo train --config ...``
+Launch with ``deepspeed --num_gpus N --module rgpo train --config ...``, ``torchrun``, or ``rgpo train --config ...``
 in one process. Each step:
 
 1. rollout: G reasoning chains per prompt from the policy, the image(s) each chain draws (the family's sampler,
@@ -19,6 +19,7 @@ a family or one of its parts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ import torch
 
 from rgpo import checkpointing as ckpt
 from rgpo import distributed as dist_utils
+from rgpo import interleaved
 from rgpo import rewards as reward_lib
 from rgpo.advantages import dapo_token_normalizer, global_advantages
 from rgpo.building import (
@@ -48,6 +50,7 @@ from rgpo.config import RGPOConfig, save_config, to_dict, with_output_dir
 from rgpo.console import startup_summary
 from rgpo.data import PromptRow, PromptSampler, check_columns, load_prompts
 from rgpo.deepspeed_config import build_deepspeed_config, zero_stage
+from rgpo.evaluation.loop import LoopEvaluation
 from rgpo.guards import StepGuards
 from rgpo.image_policy import ImagePolicy, ImageRollout
 from rgpo.losses import masked_mean, policy_loss
@@ -74,7 +77,7 @@ class Rollout:
     ref_condition: Condition | None  # the reference's conditions (image regularisers)
     images: list[list]  # each chain's images (empty lists without images)
     global_indices: list[int]
-    image_rollout: ImageRollout | None = None  # N x M images, SDE trajectories, image advantages
+    image_rollout: ImageRollout | interleaved.InterleavedRecord | None = None  # images, SDE steps, advantages
 
 
 def lr_lambda(cfg: RGPOConfig):
@@ -121,6 +124,9 @@ class RGPOTrainer:
         self.train_rows = load_prompts(train_dataset if train_dataset is not None else cfg.data.train_file)
         eval_source = eval_dataset if eval_dataset is not None else cfg.data.eval_file
         self.eval_rows = load_prompts(eval_source) if eval_source else []
+        # eval.benchmark / eval.understanding (rgpo.evaluation): their files are read and checked now too.
+        self.loop_eval = LoopEvaluation(cfg.eval, output_dir=self.out, main=self.rank == 0, seed=cfg.data.seed,
+                                        train_prompts=[r.prompt for r in self.train_rows])
         # Unique names: two rewards whose functions share a name get distinct log keys and table columns.
         self.rewards = reward_lib.get_rewards(cfg.rewards.functions) if reward_fns is None else \
             reward_lib.unique_names([r if isinstance(r, reward_lib.Reward) else reward_lib.get_reward(r)
@@ -168,10 +174,15 @@ class RGPOTrainer:
         restore_float32_weights(model, float32)  # bf16/fp16 runs: DeepSpeed cast them with the rest
         ckpt.use_weights_only_loading(self.engine)  # resume reads engine files with weights_only=True
         self.model: UnifiedModel = self.engine.module
+        self.model.set_compiled_decode(cfg.rollout.compiled_decode)
         if cfg.trainable.mode == "lora" and cfg.trainable.full_parts:
             # Parts trained in full beside the LoRA have no adapter to switch off: the reference keeps copies of them
             # as built (taken before any resume loads trained weights into them).
             self.model.keep_reference_copies(cfg.trainable.full_parts, self._whole_parameters)
+        for reward in self.rewards:  # a judge with the policy's own VLM (vlm_judge, model_path: policy) gets the reference
+            use_policy = getattr(reward_lib.registry.unwrap(reward), "use_policy", None)
+            if callable(use_policy):
+                use_policy(self.reference_context)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -179,7 +190,8 @@ class RGPOTrainer:
         # the regulariser and the image policy gradient.
         self.image_policy = ImagePolicy(cfg, self.device) if cfg.rollout.image.enabled else None
         self.guards = StepGuards(cfg.guards, rank=self.rank, group_size=cfg.rollout.num_generations, model=self.model,
-                                 reward_names=[r.name for r in self.rewards], resume_state=resume_state)
+                                 reward_names=[r.name for r in self.rewards], resume_state=resume_state,
+                                 device=self.device)
         # The step's phase timer: a hook for benchmarks (a PhaseTimer subclass that also records memory, say).
         self.timer_factory: Callable[..., PhaseTimer] = PhaseTimer
         self.last_grad_norm: float | None = None
@@ -191,6 +203,7 @@ class RGPOTrainer:
         self.logger = logger or self._make_logger(run_id)
         if self.rank == 0:
             save_config(cfg, self.out / "config.yaml")
+        self.loop_eval.load_judge(self.device)  # once, on rank 0, on eval.judge_device
 
     # ------------------------------------------------------------------------------------------- set-up helpers
     def _build_under_zero(self, cfg: RGPOConfig, ds_config: dict) -> UnifiedModel:
@@ -293,8 +306,11 @@ class RGPOTrainer:
         slots = self.sampler.next_step()
         with timer("rollout"):
             rollout = self.rollout(slots, timer)
+        reward_seconds: dict[str, float] = {}
         with timer("rewards"):
-            per_reward = self.score(rollout)  # (n, R) on this rank, NaN where a reward does not apply
+            per_reward = self.score(rollout, reward_seconds)  # (n, R) on this rank, NaN where one does not apply
+        for name, seconds in reward_seconds.items():  # timing/reward/<name>: inside timing/rewards, not added to it
+            timer.seconds[f"reward/{name}"] += seconds
         with timer("guards"):  # rgpo.guards: raises GuardError before a step that would train on nothing
             self.guards.after_rewards(self.step + 1, rollout, per_reward, [r.weight for r in self.rewards],
                                       self.reference_context, self.image_policy is not None)
@@ -329,9 +345,12 @@ class RGPOTrainer:
         self.set_training(False)
         rows = [self.train_rows[s.prompt_index] for s in slots]
         images_on = self.image_policy is not None
+        # An interleaved model draws its images inside the chains (rgpo.interleaved): the drawer records them.
+        drawer = interleaved.drawer_for(self.image_policy, model, slots, self.step, self.negative_source) \
+            if images_on and model.draws_inside_chains() else None
         with self.gathered():
             with timer("rollout/text"):
-                prompts, completions = self._sample_chains(rows, [s.group for s in slots])
+                prompts, completions = self._sample_chains(rows, [s.group for s in slots], draw=drawer)
             with timer("rollout/forward"):
                 # The policy's no-grad forward gives the images' condition and, for num_iterations > 1, the
                 # sampling policy's log-probs; with neither needed (text only, one update) it is skipped.
@@ -344,7 +363,9 @@ class RGPOTrainer:
                     with timer("rollout/reference"), self.reference_context() as ref_model:
                         ref = ref_model.forward_text(prompts, completions, with_condition=need_ref_condition)
             images, image_rollout = [[] for _ in rows], None
-            if images_on:
+            if drawer is not None:
+                images, image_rollout = drawer.record.per_chain(len(rows)), drawer.record
+            elif images_on:
                 with timer("rollout/images"), model.rollout_context():
                     images, image_rollout = self.image_policy.draw(model, policy.condition, slots, self.step,
                                                                    self.negative_source)
@@ -353,14 +374,16 @@ class RGPOTrainer:
                        ref.condition if ref is not None else None, images, [s.global_index for s in slots],
                        image_rollout)
 
-    def _sample_chains(self, rows: list[PromptRow], groups: list[int]) -> tuple[PromptBatch, Completions]:
+    def _sample_chains(self, rows: list[PromptRow], groups: list[int],
+                       draw=None) -> tuple[PromptBatch, Completions]:
         """Sample one chain per slot. When every group on this rank is whole (the usual layout), each prompt
-        is encoded once and asked for its k chains at once, so the model can share the prompt's prefill."""
+        is encoded once and asked for its k chains at once, so the model can share the prompt's prefill.
+        ``draw``: an interleaved model's image drawer (chains in the rows' order)."""
         cfg = self.cfg.rollout
         gen = torch.Generator().manual_seed(mix_seed(self.cfg.data.seed, self.step, self.rank))
         counts = [groups.count(g) for g in dict.fromkeys(groups)]
         kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                      top_k=cfg.top_k, generator=gen)
+                      top_k=cfg.top_k, generator=gen, **({"draw": draw} if draw is not None else {}))
         if len(set(counts)) == 1:
             firsts = [rows[groups.index(g)] for g in dict.fromkeys(groups)]
             prompts = self.model.build_prompts([r.as_model_row() for r in firsts]).to(self.device)
@@ -371,14 +394,18 @@ class RGPOTrainer:
             completions = self.model.generate(prompts, num_generations=1, **kwargs)
         return prompts, completions.to(self.device)
 
-    def score(self, rollout: Rollout) -> torch.Tensor:
-        """(n, R) this rank's rewards per chain (with images: as the image policy scores them)."""
+    def score(self, rollout: Rollout, seconds: dict[str, float] | None = None) -> torch.Tensor:
+        """(n, R) this rank's rewards per chain (with images: as the image policy scores them); each reward's
+        wall-clock seconds are added to ``seconds[name]``."""
         ids = completion_id_lists(rollout.completions)
+        if isinstance(rollout.image_rollout, interleaved.InterleavedRecord):
+            return interleaved.score_interleaved(self.rewards, rollout.rows, rollout.completions.texts,
+                                                 rollout.image_rollout, self.cfg, self.device, ids, seconds)
         if rollout.image_rollout is not None:
             return self.image_policy.score(self.rewards, rollout.rows, rollout.completions.texts,
-                                           rollout.image_rollout, rollout.global_indices, ids)
+                                           rollout.image_rollout, rollout.global_indices, ids, seconds)
         return score_samples(self.rewards, rollout.rows, rollout.completions.texts, rollout.images,
-                             self.cfg.rewards, self.device, ids)
+                             self.cfg.rewards, self.device, ids, seconds)
 
     def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """``num_iterations`` optimizer steps over the rank's chains, in micro-batches DeepSpeed accumulates.
@@ -392,6 +419,7 @@ class RGPOTrainer:
         sums: dict[str, float] = {}
         count = 0
         token_normalizer = self.dapo_token_normalizer(rollout) if cfg.loss.aggregation == "dapo" else None
+        advantages = self.guards.watch_advantages(advantages)  # the loss must depend on them: checked below
         for _ in range(cfg.loss.num_iterations):
             for start in range(0, n, mb):
                 idx = list(range(start, min(n, start + mb)))
@@ -407,6 +435,7 @@ class RGPOTrainer:
                 self.nonfinite_in_a_row = 0
             else:
                 self._count_skipped_step()
+        self.guards.check_advantages_used(advantages)
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     def dapo_token_normalizer(self, rollout: Rollout) -> torch.Tensor:
@@ -440,7 +469,14 @@ class RGPOTrainer:
                                            seed=mix_seed(cfg.seed, self.step, self.rank, idx[0]))
             loss = loss + lc.image_kl_coef * image_reg
             metrics["kl/image"] = image_reg.detach()
-        if images is not None and images.recompute:  # image policy gradient and/or gaussian_kl
+        if images is not None and images.recompute and isinstance(rollout.image_rollout,
+                                                                  interleaved.InterleavedRecord):
+            image_loss, image_metrics = interleaved.interleaved_image_loss(
+                rollout.image_rollout, idx, self.engine, self.model, images.sampling, lc.image_clip_range,
+                lc.image_pg_coef)
+            loss = loss + image_loss
+            metrics.update(image_metrics)
+        elif images is not None and images.recompute:  # image policy gradient and/or gaussian_kl
             image_loss, image_metrics = images.loss(rollout, idx, out, self.engine, self.timed_reference,
                                                     self.model, self.negative_source)
             loss = loss + image_loss
@@ -485,7 +521,7 @@ class RGPOTrainer:
         if self.last_grad_norm is not None:
             metrics["grad_norm"] = self.last_grad_norm
         metrics["skipped_steps"] = float(self.skipped_steps)
-        if rollout.image_rollout is not None:  # within-chain image rewards (already gathered over ranks)
+        if isinstance(rollout.image_rollout, ImageRollout):  # within-chain image rewards (gathered over ranks)
             metrics.update(rollout.image_rollout.metrics)
         return metrics
 
@@ -538,7 +574,10 @@ class RGPOTrainer:
         previous = _install_stop_handlers(self)
         metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        evaluating = bool(self.eval_rows) or self.loop_eval.active
         try:
+            if cfg.eval.before_training and self.step == 0 and evaluating:
+                self.evaluate()
             while self.step < cfg.optim.max_steps:
                 metrics = self.train_step()
                 self.history.append({"step": self.step, **metrics})
@@ -547,7 +586,7 @@ class RGPOTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(progress_fields(metrics))
-                if self._should(cfg.eval.every) and self.eval_rows:
+                if self._should(cfg.eval.every) and evaluating:
                     self.evaluate()
                 # A signal may reach only some ranks (one node of several): any rank's request stops them all.
                 stop = dist_utils.any_rank(self._stop_requested, self.device)
@@ -566,26 +605,16 @@ class RGPOTrainer:
     @torch.no_grad()
     def evaluate(self, rows: list[PromptRow] | None = None) -> dict[str, float]:
         """Mean of each reward over held-out prompts (one chain each, spread over the ranks), images logged on
-        rank 0."""
+        rank 0; then the benchmark and probe of ``eval`` (``rgpo.evaluation.loop``)."""
+        benchmarks = self.loop_eval.run(self._eval_chains, self.step, self.logger) if self.loop_eval.active else {}
         rows = rows or self.eval_rows[: self.cfg.eval.num_prompts]
+        if not rows:
+            return benchmarks
         mine = rows[self.rank :: self.world]
         # A rank left without a prompt (fewer prompts than ranks) still runs one, and drops it: every rank must
         # make the same collective calls (ZeRO-3's gathers, synced generation).
         work = mine or rows[:1]
-        self.set_training(False)
-        with self.gathered():
-            prompts = self.model.build_prompts([r.as_model_row() for r in work]).to(self.device)
-            gen = torch.Generator().manual_seed(mix_seed(self.cfg.data.seed, 10**6, self.rank))
-            completions = self.model.generate(
-                prompts, num_generations=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
-                top_k=self.cfg.rollout.top_k, generator=gen).to(self.device)
-            images: list[list] = [[] for _ in work]
-            if self.image_policy is not None:  # always the deterministic sampler, one image per chain
-                policy = self.model.forward_text(prompts, completions, with_condition=True)
-                indices = list(range(len(work)))
-                images = self.image_policy.draw_deterministic(self.model, policy.condition, indices, indices,
-                                                              self.step, self.negative_source)
+        completions, images = self._eval_generate([r.as_model_row() for r in work], list(range(len(work))))
         per_reward = score_samples(self.rewards, work, completions.texts, images, self.cfg.rewards, self.device,
                                    completion_id_lists(completions))
         kept = per_reward.tolist() if mine else []
@@ -599,7 +628,55 @@ class RGPOTrainer:
         gathered = [x for part in dist_utils.all_gather_objects(shown) for x in part]
         if gathered:
             self.logger.log_images("eval/images", [g[0] for g in gathered], [g[1] for g in gathered], step=self.step)
-        return results
+        return {**benchmarks, **results}
+
+    def _eval_generate(self, model_rows: list[dict], indices: list[int], *, draw: bool = True, greedy: bool = False,
+                       noise_step: int | None = None) -> tuple[Completions, list[list]]:
+        """One chain per row from the policy as it is and, when ``draw``, its image from the deterministic sampler
+        (the noise of ``indices`` at ``noise_step``, default the current step), on this rank."""
+        self.set_training(False)
+        with self.gathered():
+            prompts = self.model.build_prompts(model_rows).to(self.device)
+            gen = torch.Generator().manual_seed(mix_seed(self.cfg.data.seed, 10**6, self.rank))
+            # an interleaved model draws its images inside the chains, deterministically (noise level 0)
+            drawer = None
+            if draw and self.image_policy is not None and self.model.draws_inside_chains():
+                icfg = dataclasses.replace(self.image_policy.evaluation, noise_level=0.0)
+                drawer = interleaved.InterleavedDrawer(self.model, icfg, indices,
+                                                       self.step if noise_step is None else noise_step,
+                                                       record_steps=False, negative_from=self.negative_source)
+            completions = self.model.generate(
+                prompts, num_generations=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                temperature=0.0 if greedy else self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
+                top_k=self.cfg.rollout.top_k, generator=gen,
+                **({"draw": drawer} if drawer is not None else {})).to(self.device)
+            images: list[list] = [[] for _ in model_rows]
+            if drawer is not None:
+                images = drawer.record.per_chain(len(model_rows))
+            elif draw and self.image_policy is not None:
+                policy = self.model.forward_text(prompts, completions, with_condition=True)
+                images = self.image_policy.draw_deterministic(self.model, policy.condition, indices, indices,
+                                                              self.step if noise_step is None else noise_step,
+                                                              self.negative_source, evaluation=True)
+        return completions, images
+
+    def _eval_chains(self, rows: list[dict], *, draw: bool, greedy: bool) -> list[tuple[str, list]]:
+        """``_eval_generate`` over ``rows`` spread across the ranks in chunks of a rollout's chains per rank,
+        gathered in order on every rank. The noise of each row is fixed (its index, step 0): every evaluation
+        draws a prompt from the same noise."""
+        mine = list(range(self.rank, len(rows), self.world))
+        chunk = max(1, self.cfg.rollout.batch_size // self.world)
+        kept = []
+        # Every rank makes the same number of calls (ZeRO-3 gathers, synced generation): one left without rows
+        # runs row 0 and drops it.
+        for start in range(0, -(-len(rows) // self.world), chunk):
+            part = mine[start : start + chunk]
+            work = part or [0]
+            completions, images = self._eval_generate([rows[i] for i in work], work, draw=draw, greedy=greedy,
+                                                       noise_step=0)
+            kept += list(zip(part, completions.texts, images))
+        everything = sorted((x for part in dist_utils.all_gather_objects(kept) for x in part), key=lambda x: x[0])
+        return [(text, images) for _, text, images in everything]
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

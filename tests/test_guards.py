@@ -187,6 +187,16 @@ def test_8_gradient_norm_exactly_zero_for_k_steps():
         guard.after_update(6, {}, 0.0, True)
 
 
+def test_8_loss_not_depending_on_the_advantages():
+    advantages = torch.tensor([0.5, -0.5, 0.0, 0.0])
+    # -A_i * ratio_i summed: d/dA_i = -1 where the chain has tokens
+    assert g.loss_uses_advantages(advantages, torch.tensor([-1.0, -1.0, -1.0, -1.0])) is None
+    assert g.loss_uses_advantages(torch.zeros(4), None) is None  # no advantage, nothing to depend on
+    found(g.loss_uses_advantages(advantages, torch.zeros(4)), 8, "loss_advantages", "2 chains with a non-zero "
+          "advantage, gradient 0 for every one")
+    found(g.loss_uses_advantages(advantages, None), 8, "loss_advantages", "does not depend on the advantages")
+
+
 def test_9_truncation_and_empty_chains(capsys):
     guard = guards(symptom_steps=2, truncated_share=0.5)
     assert guard.after_update(1, {"completion/clipped_ratio": 0.9}, 1.0, True) == {}
@@ -329,6 +339,10 @@ def test_healthy_steps_raise_nothing_and_warn_nothing(live, guard_cfg):
         metrics = live.train_step()
         assert not [k for k in metrics if k.startswith("guard/")], metrics
         assert metrics["timing/guards"] >= 0
+        # Every reward's own time, nested inside the scoring phase (rewards run one at a time here).
+        per_reward = {k: v for k, v in metrics.items() if k.startswith("timing/reward/")}
+        assert set(per_reward) == {"timing/reward/format", "timing/reward/controlled"}
+        assert 0 < sum(per_reward.values()) <= metrics["timing/rewards"]
     assert live.guards._probe is not None
 
 
@@ -412,6 +426,21 @@ def test_e2e_7_applied_step_that_moves_nothing(live, guard_cfg, monkeypatch):
         live.train_step()
 
 
+def test_e2e_8_loss_detached_from_the_advantages(live, guard_cfg, monkeypatch):
+    """A loss that reads detached advantages (as a custom loss or a shaping hook could): caught after the step's
+    backward passes."""
+    import rgpo.trainer
+
+    original = rgpo.trainer.policy_loss
+
+    def detached(logps, old, ref_logps, advantages, *args, **kwargs):
+        return original(logps, old, ref_logps, advantages.detach(), *args, **kwargs)
+
+    monkeypatch.setattr(rgpo.trainer, "policy_loss", detached)
+    with caught(8, "loss_advantages", "does not depend on the advantages"):
+        live.train_step()
+
+
 def test_e2e_6_reference_drift(live, guard_cfg):
     """A base weight the reference uses changes in place (as a reference sharing the policy's tensors would):
     the probe taken at the first step moves."""
@@ -469,3 +498,37 @@ def test_e2e_11_resume_with_another_tokenizer(live, guard_cfg, tmp_path):
     cfg = load_config(TINY, [f"logging.output_dir={live.out}", *FAST, f"checkpoint.resume={path}"])
     with caught(11, "tokenizer", "differs from the one the checkpoint was trained with", "another-tokenizer"):
         RGPOTrainer(cfg, reward_fns=["format", Reward("controlled", controlled)])
+
+
+@pytest.mark.distributed
+def test_a_guard_failing_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1's rollout condition turns NaN (a check only rank 1 can fail): both ranks stop at step 1 with the
+    guard's message, rank 0 with "rank(s) [1]", instead of rank 0 waiting in the next collective until the
+    distributed timeout."""
+    import shutil
+    import subprocess
+
+    from rgpo.distributed import free_port
+
+    (tmp_path / "nan_on_rank_1.py").write_text(
+        "import os\nimport torch\nfrom rgpo.models.registry import get_model_class\n"
+        "from rgpo.cli import main\n"
+        "family = get_model_class('mindomni')\n"
+        "original = family.forward_text\n"
+        "def forward_text(self, *args, **kwargs):\n"
+        "    out = original(self, *args, **kwargs)\n"
+        "    if os.environ.get('RANK') == '1' and out.condition is not None and not torch.is_grad_enabled():\n"
+        "        out.condition.states[0] = float('nan')\n"
+        "    return out\n"
+        "family.forward_text = forward_text\n"
+        "raise SystemExit(main())\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(tmp_path / "nan_on_rank_1.py"), "train", "--config", str(TINY), *FAST, "optim.max_steps=2",
+           f"logging.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "guard condition failed at step 1 on rank 1" in out, out[-3000:]
+    assert "a guard failed at step 1 on rank(s) [1]" in out and "rank 0 stops with it" in out, out[-3000:]

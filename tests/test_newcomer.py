@@ -67,7 +67,7 @@ def finished_run(tmp_path_factory):
     (work / "prompts.jsonl").write_text("".join(f'{{"prompt": "draw thing {i}"}}\n' for i in range(4)))
     proc = rgpo("train", "--config", str(TINY), "data.train_file=prompts.jsonl", "logging.output_dir=run",
                 "rewards.functions=[format, {name: 'my_reward.py:letter_fraction'}]", "optim.max_steps=1",
-                "checkpoint.every=1", "logging.mode=disabled", "logging.progress_bar=false", cwd=work)
+                "checkpoint.every=1", "logging.mode=offline", "logging.progress_bar=false", cwd=work)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return work, proc
 
@@ -117,7 +117,7 @@ def test_resume_reports_changes_applies_the_new_lr_and_refuses_another_base_mode
     shutil.copytree(work / "run", run)
     common = ["--config", str(TINY), f"data.train_file={work / 'prompts.jsonl'}", f"logging.output_dir={run}",
               f"rewards.functions=[format, {{name: '{work / 'my_reward.py'}:letter_fraction'}}]",
-              "logging.mode=disabled", "logging.progress_bar=false", "checkpoint.every=0"]
+              "logging.mode=offline", "logging.progress_bar=false", "checkpoint.every=0"]
     other_model = rgpo("train", *common, "optim.max_steps=2", "model.path=random:tiny", cwd=tmp_path)
     assert other_model.returncode == 2 and "model.path: 'tiny' there, 'random:tiny' now" in other_model.stderr
     assert "Traceback" not in other_model.stderr
@@ -126,6 +126,12 @@ def test_resume_reports_changes_applies_the_new_lr_and_refuses_another_base_mode
     assert "config change(s)" in resumed.stdout and "optim.lr: 0.001 -> 0.0005" in resumed.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["lr"] == pytest.approx(5e-4)
+    # wandb: one folder per session of the run (wandb never appends to a closed transaction log; it names the
+    # next folder <...>-<id>-1), all inside the run's output folder, all of one run id, each with its own media:
+    # `wandb sync run/wandb/offline-run-*` uploads them in order of start time into that one run.
+    logs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and len({p.name for p in logs}) == 1, logs
+    assert not list(run.glob("wandb-data")) and not list(tmp_path.glob("wandb"))
 
 
 # ------------------------------------------------------------------------------------ one rule for paths

@@ -6,7 +6,8 @@ must leave the newest complete checkpoint intact, and a restarted run must end w
 uninterrupted one. The kill tests run ``tests/fault_worker.py`` (= ``rgpo train --config configs/tiny.yaml``)
 in a subprocess. At the end of the module one line sums up what was tried:
 
-    reliability: N bad inputs tried, N clear errors, N kills survived, N checkpoints lost, N silent NaN steps
+    reliability: N bad inputs tried, N clear errors, N kills survived, N checkpoints lost, N silent NaN steps,
+    N fault classes caught of N
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ STATS = {"bad_inputs": 0, "clear_errors": 0, "kills": 0, "lost": 0, "silent_nan"
 def reliability_summary(request):
     """Print the one-line summary once the module's last test is done (outside pytest's output capture)."""
     yield
+    # The guards' fault classes are injected by tests/test_guards.py (collected before this module): counted when
+    # it ran in the same session (the README's test command runs both).
+    guards = sys.modules.get("test_guards")
+    classes = (f"{len(guards.CAUGHT)} fault classes caught of {guards.CLASSES}" if guards is not None
+               else "guard fault classes not run (add tests/test_guards.py)")
     line = (f"reliability: {STATS['bad_inputs']} bad inputs tried, {STATS['clear_errors']} clear errors, "
             f"{STATS['kills']} kills survived, {STATS['lost']} checkpoints lost, "
-            f"{STATS['silent_nan']} silent NaN steps")
+            f"{STATS['silent_nan']} silent NaN steps, {classes}")
     capman = request.config.pluginmanager.getplugin("capturemanager")
     if capman is None:
         print(line)

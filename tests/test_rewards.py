@@ -346,6 +346,27 @@ def test_trainer_scoring_follows_rewards_parallel():
     torch.testing.assert_close(per, torch.tensor([[0.5, 3.0], [0.5, 1.0]]))
 
 
+def test_combine_reports_each_rewards_seconds_in_both_modes():
+    """``seconds`` gets each reward's own wall time: under ``parallel`` two waits of 0.3 s and 0.6 s overlap
+    (the batch takes ~0.6 s, not 0.9 s) and each still reports its own duration; one at a time they add up."""
+    def sleeper(seconds):
+        return lambda prompts, completions, **kwargs: time.sleep(seconds) or [seconds] * len(prompts)
+
+    rewards = [Reward("short", sleeper(0.3)), Reward("long", sleeper(0.6))]
+    for parallel, lowest, highest in ((True, 0.6, 0.85), (False, 0.9, 1.5)):
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        _, per = combine(rewards, None, ["p"] * 2, ["c"] * 2, None, {}, parallel=parallel, seconds=seconds)
+        wall = time.perf_counter() - start
+        torch.testing.assert_close(per, torch.tensor([[0.3, 0.6]] * 2))
+        assert lowest <= wall < highest, (parallel, wall)
+        assert set(seconds) == {"short", "long"}
+        assert 0.3 <= seconds["short"] < 0.45 and 0.6 <= seconds["long"] < 0.75, seconds
+    # Added to what is there: the image policy scores a step's images in several calls.
+    combine(rewards[:1], None, ["p"], ["c"], None, {}, seconds=seconds)
+    assert seconds["short"] >= 0.6
+
+
 def _combine_parallel(*reward_list, timeout=None, n=3):
     return combine(list(reward_list), None, ["p"] * n, ["c"] * n, [None] * n, {}, timeout=timeout, parallel=True)
 

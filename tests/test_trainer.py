@@ -445,5 +445,5 @@ def test_random_model_paths(tmp_path):
     tiny = build_model(tiny_cfg(tmp_path))
     same = build_model(tiny_cfg(tmp_path, "model.path=random:tiny"))
     assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), same.state_dict().values()))
-    with pytest.raises(ValueError, match=r"model.path='random:mindomni-70b'.*known: \['mindomni-7b', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"model.path='random:mindomni-70b'.*known: \['mid', 'mindomni-7b', 'tiny'\]"):
         build_model(tiny_cfg(tmp_path, "model.path=random:mindomni-70b"))

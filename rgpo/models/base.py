@@ -14,6 +14,12 @@ The seam is the one every family in the README's "Model families" table fits:
    (:mod:`rgpo.samplers`; stochastic steps with Gaussian log-probs for the image policy gradient),
    :meth:`~UnifiedModel.image_prediction` is the guided prediction that sampler integrates, and
    :meth:`~UnifiedModel.decode_latents` renders pixels (itself a sampler for two-stage families).
+   An **interleaved** family (:attr:`~UnifiedModel.interleaved`, MM-Interleaved) draws images INSIDE its chains:
+   ``generate(..., draw=drawer)`` hands the drawer (:class:`rgpo.interleaved.InterleavedDrawer`, which owns the
+   noise and records each image's steps keyed by (chain, slot)) the condition of every image slot as the chain
+   reaches it, puts the drawn image back into the chain, and continues; ``Completions.images`` carries the
+   images so that :meth:`~UnifiedModel.forward_text` scores later text with them in place and returns one
+   condition row per image slot (chain-major).
 4. **what trains**: the model's parts by name (:attr:`~UnifiedModel.parts`), each with its LoRA targets; the
    reference is every adapter disabled plus frozen copies of the parts trained in full.
 5. **checkpoints**: the family's released layout in (:meth:`~UnifiedModel.from_pretrained`, detected by
@@ -120,6 +126,10 @@ class Completions:
     texts: list[str]
     condition_lengths: torch.Tensor  # (N,) long
     image_slots: list[int] | None = None  # None: one image slot per chain
+    # An interleaved family's images drawn INSIDE the chains (a list per chain, in order; None: the images are
+    # drawn after the chain): the training forward puts them back in their slots, so later text is scored with
+    # the very images it saw when sampled.
+    images: list[list[Any]] | None = None
 
     def slots(self) -> list[int]:
         """Image slots per chain."""
@@ -128,12 +138,13 @@ class Completions:
     def select(self, rows: list[int]) -> Completions:
         index = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
         slots = None if self.image_slots is None else [self.image_slots[r] for r in rows]
+        images = None if self.images is None else [self.images[r] for r in rows]
         return Completions(self.completion_ids[index], self.completion_mask[index], [self.texts[r] for r in rows],
-                           self.condition_lengths[index], slots)
+                           self.condition_lengths[index], slots, images)
 
     def to(self, device: torch.device | str) -> Completions:
         return Completions(self.completion_ids.to(device), self.completion_mask.to(device), self.texts,
-                           self.condition_lengths.to(device), self.image_slots)
+                           self.condition_lengths.to(device), self.image_slots, self.images)
 
 
 # The model's engine-call outputs are ModelOutputs (dict-like dataclasses, as transformers models return) because
@@ -281,7 +292,16 @@ class UnifiedModel(torch.nn.Module):
     language_config: ClassVar[str | None] = None
     """The language model's ``config.json`` inside the released folder (for :meth:`language_hidden_size`)."""
 
+    interleaved: ClassVar[bool] = False
+    """Whether the family can draw images INSIDE its chains (MM-Interleaved): ``generate(..., draw=...)`` then
+    calls ``draw(condition, chains, slots)`` at each image slot and continues the text after the image
+    (:mod:`rgpo.interleaved`); :meth:`draws_inside_chains` says whether this model does so now."""
+
     running_as_reference = False  # True inside adapter_disabled(): parts kept as frozen copies use the copy
+    compiled_decode_supported: ClassVar[bool] = False
+    """Whether :meth:`generate` can decode with a compiled step on a static KV cache
+    (:mod:`rgpo.models.static_decode`)."""
+    decode_compile: dict[str, Any] | None = None  # set by set_compiled_decode; None: the eager loop
 
     def forward(self, method: str, *args, **kwargs):
         """Dispatch to one of the methods below. The trainer calls the DeepSpeed engine as
@@ -443,6 +463,38 @@ class UnifiedModel(torch.nn.Module):
                         setattr(parent, child_name, child.get_base_layer())
 
     # -- chains -------------------------------------------------------------------------------------------------
+    def set_compiled_decode(self, enabled: bool, *, backend: Any = "inductor", mode: str | None = None) -> None:
+        """Decode chains with a compiled one-token step on a static KV cache (``rollout.compiled_decode``), or
+        with the eager loop. ``backend`` / ``mode`` go to ``torch.compile`` (mode None: CUDA graphs on CUDA;
+        backend None: the static cache without compiling). A family without the compiled step keeps its eager
+        loop, and says so once."""
+        from .static_decode import log_once
+
+        if enabled and not self.compiled_decode_supported:
+            log_once(f"compiled decode off, eager loop instead: family {self.family!r} has no compiled decode step")
+            enabled = False
+        settings = {"backend": backend, "mode": mode} if enabled else None
+        decoder = getattr(self, "_compiled_decoder", None)
+        # Switching off and on again keeps what was compiled; other compile settings need a new decoder.
+        if settings is not None and decoder is not None and decoder.settings != settings:
+            self._compiled_decoder = None
+        self.decode_compile = settings
+
+    def compiled_decoder(self, step_fn: Callable, config: Any, device: torch.device):
+        """The family's :class:`~rgpo.models.static_decode.CompiledDecoder` when :meth:`set_compiled_decode`
+        asked for one and it can run on ``device``; None otherwise (the reason logged once)."""
+        from .static_decode import CompiledDecoder, log_once
+
+        if self.decode_compile is None:
+            return None
+        if getattr(self, "_compiled_decoder", None) is None:
+            self._compiled_decoder = CompiledDecoder(step_fn, config, **self.decode_compile)
+        reason = self._compiled_decoder.unavailable(device)
+        if reason is not None:
+            log_once(f"compiled decode off, eager loop instead: {reason}")
+            return None
+        return self._compiled_decoder
+
     def build_prompts(self, rows: list[dict[str, Any]]) -> PromptBatch:
         """Prompts from data rows: ``row["prompt"]`` is the instruction text (or a list of chat messages),
         ``row.get("images")`` an optional list of PIL images for the family's vision input."""
@@ -453,11 +505,21 @@ class UnifiedModel(torch.nn.Module):
         """Sample ``num_generations`` chains per prompt row; rows of the result are grouped (p0 x G, p1 x G, ...)."""
         raise NotImplementedError
 
+    def draws_inside_chains(self) -> bool:
+        """Whether rollouts of this model are interleaved (its images drawn inside the chains, several per chain);
+        False for the families that draw one image after each chain."""
+        return False
+
     def forward_text(self, prompts: PromptBatch, completions: Completions, *,
                      with_condition: bool = True) -> ForwardOutput:
         """ONE forward over ``prompt + completion``: per-token log-probs and (optionally) the chains' condition.
         ``prompts`` has one row per completion (already repeated)."""
         raise NotImplementedError
+
+    def understanding_model(self) -> tuple[torch.nn.Module, Any] | None:
+        """The family's understanding VLM as a transformers image-text-to-text model, with its processor (the
+        policy's own weights: a judge reward then needs no second model in memory); None when it has none."""
+        return None
 
     # -- images -------------------------------------------------------------------------------------------------
     def negative_condition(self, num: int) -> Condition | None:

@@ -148,6 +148,10 @@ class Blip3o(UnifiedModel):
         vlm = self.vlm
         return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
 
+    def understanding_model(self) -> tuple[nn.Module, Any]:
+        """The Qwen2.5-VL (adapters as they are: enter ``adapter_disabled`` for the reference) and its processor."""
+        return self.hf_vlm(), self.processor
+
     def apply_options(self, options: Blip3oOptions | None) -> None:
         options = options if options is not None else Blip3oOptions()
         self.options = options

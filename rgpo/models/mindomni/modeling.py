@@ -96,7 +96,8 @@ class MindOmni(UnifiedModel):
     layout = LAYOUT
     options_class = MindOmniOptions
     supported_regularizers = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
-    random_shapes = ("tiny", "mindomni-7b")
+    compiled_decode_supported = True
+    random_shapes = ("tiny", "mid", "mindomni-7b")
     language_config = "mllm/config.json"
 
     def __init__(
@@ -151,6 +152,10 @@ class MindOmni(UnifiedModel):
         """The ``Qwen2_5_VLForConditionalGeneration`` under any peft wrapper (LoRA layers stay injected)."""
         vlm = self.vlm
         return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+
+    def understanding_model(self) -> tuple[nn.Module, Any]:
+        """The Qwen2.5-VL (adapters as they are: enter ``adapter_disabled`` for the reference) and its processor."""
+        return self.hf_vlm(), self.processor
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Activation checkpointing (non-reentrant) for the VLM and the decoder's blocks."""
@@ -431,7 +436,12 @@ class MindOmni(UnifiedModel):
                     )
                     last_logits = out.logits[:, -1]
                 cache = out.past_key_values
-                cache.batch_repeat_interleave(num_generations)
+                compiled = self._compiled_decoder_for(fast, synced, own_mask)
+                session = None
+                if compiled is not None:  # the G chains share the prefill on the static cache too
+                    session = compiled.start(cache, prompts.attention_mask, num_generations, max_new_tokens)
+                else:
+                    cache.batch_repeat_interleave(num_generations)
                 logits = last_logits.float().repeat_interleave(num_generations, 0)
                 next_pos = positions.amax(dim=(0, 2)).repeat_interleave(num_generations) + 1  # (rows,)
                 mask = prompts.attention_mask.repeat_interleave(num_generations, 0)
@@ -446,8 +456,11 @@ class MindOmni(UnifiedModel):
                     done |= torch.isin(token, eos)
                     if step == max_new_tokens - 1 or self._all_done(done, synced):
                         break
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     step_pos = (next_pos + step).view(1, rows, 1).expand(3, -1, -1)
+                    if session is not None:
+                        logits = session.step(token, step_pos)
+                        continue
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     # The text model and lm_head directly: a decoding step has no vision input, and the outer VLM
                     # wrappers cost as much as the tiny model's own layers.
                     step_mask = mask
@@ -465,6 +478,33 @@ class MindOmni(UnifiedModel):
             if was_training:
                 self.vlm.train(True)
         return self._completions(torch.stack(tokens, dim=1))  # outside inference mode: an ordinary tensor
+
+    def _compiled_decoder_for(self, fast: bool, synced: bool, own_mask: bool):
+        """The compiled static-cache decoder when asked for (``set_compiled_decode``) and usable for this call."""
+        from ..static_decode import log_once
+
+        if self.decode_compile is None:
+            return None
+        why = None
+        if not fast or synced:
+            why = "ZeRO-3 partitions the language model's parameters (its hooks fetch them at every call)"
+        elif not own_mask:
+            why = "the language model's attention is not 'sdpa' without sliding layers (the static cache's key mask)"
+        if why is not None:
+            log_once(f"compiled decode off, eager loop instead: {why}")
+            return None
+        language_model = self.hf_vlm().model.language_model
+        return self.compiled_decoder(self._decode_step, language_model.config, self.device)
+
+    def _decode_step(self, token: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """One decoding step on a static cache (the function :mod:`rgpo.models.static_decode` compiles): float32
+        logits (rows, V) after ``token`` (rows, 1) at ``positions`` (3, rows, 1), keys masked by ``mask``
+        (rows, 1, 1, L) bool."""
+        hf = self.hf_vlm()
+        hidden = hf.model.language_model(input_ids=token, attention_mask={"full_attention": mask},
+                                         position_ids=positions, past_key_values=cache,
+                                         use_cache=True).last_hidden_state
+        return hf.lm_head(hidden[:, -1]).float()
 
     def _synced(self) -> bool:
         """Whether generation keeps every rank stepping (``synced_generation``; auto: when ZeRO-3 partitions the

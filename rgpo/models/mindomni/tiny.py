@@ -172,6 +172,15 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
         dec_vocab=32064, time_step_dim=256, pos_embed_max_size=192, vae_channels=(128, 256, 512, 512),
         vae_layers_per_block=2, vae_norm_groups=32,
     ),
+    # A mid size where work, not Python overhead, dominates a CPU step (the floor benchmark): a 99 M-parameter
+    # VLM (12 layers of 768, GQA 12/2 heads, 16384 embedding rows, untied head) -> a 7 M connector -> a 28 M
+    # decoder (8 layers of 512) -> a 0.3 M VAE.
+    "mid": dict(
+        vlm_hidden=768, vlm_layers=12, vlm_heads=12, vlm_kv_heads=2, vlm_intermediate=2048, vlm_vocab=16384,
+        mrope_section=(8, 12, 12), vision_hidden=64, vision_depth=2, vision_heads=2, dec_hidden=512, dec_layers=8,
+        dec_heads=8, dec_intermediate=1536, dec_vocab=128, time_step_dim=64, pos_embed_max_size=32,
+        vae_channels=(16, 32, 32, 32), vae_layers_per_block=1, vae_norm_groups=8,
+    ),
 }
 
 

@@ -207,6 +207,10 @@ class NexusGen(UnifiedModel):
         vlm = self.vlm
         return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
 
+    def understanding_model(self) -> tuple[nn.Module, Any]:
+        """The Qwen2.5-VL (adapters as they are: enter ``adapter_disabled`` for the reference) and its processor."""
+        return self.hf_vlm(), self.processor
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
             self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
