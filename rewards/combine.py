@@ -48,6 +48,7 @@ def combine(
     *,
     completion_ids: Sequence[Sequence[int]] | None = None,
     seconds: dict[str, float] | None = None,
+    per_image: dict[str, dict[int, list[float]]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every reward on the batch and return ``(total, per_reward)``.
 
@@ -71,6 +72,10 @@ def combine(
         seconds: when given, each reward's wall-clock seconds on this batch are added to ``seconds[name]``
             (the trainer logs them as ``timing/reward/<name>``). Under ``parallel`` each reward is timed from the
             common start to its own end, so overlapping rewards each report their own duration.
+        per_image: when given (chains that draw several images inside them: interleaved families), a reward may
+            return, for a sample, a list with one value (or None) per image of its chain instead of one number;
+            ``per_image[name][i]`` then holds those values (NaN for None) and ``per_reward`` the mean of the
+            values that apply. Without it, a list is an error.
 
     Returns:
         total: (N,) float32, ``sum_r weight_r * reward_r`` over the rewards that apply to the sample. A
@@ -113,7 +118,11 @@ def combine(
         outcomes = [lambda r=reward: _call(r, reward_name(r), timeout, batch) for reward in rewards]
     for j, (reward, outcome) in enumerate(zip(rewards, outcomes)):
         name = reward_name(reward)
-        per_reward[:, j] = torch.tensor(_validate(_named_errors(outcome, name), name, n), dtype=torch.float32)
+        counts = None if per_image is None else [len(chain) for chain in batch.images]
+        values, lists = _validate(_named_errors(outcome, name), name, n, counts)
+        per_reward[:, j] = torch.tensor(values, dtype=torch.float32)
+        if per_image is not None and lists:
+            per_image[name] = lists
     weighted = per_reward * torch.tensor([float(w) for w in weights], dtype=torch.float32)
     return torch.nansum(weighted, dim=1), per_reward
 
@@ -249,27 +258,46 @@ def _wait(
         raise RewardError(f"reward {name!r} took longer than the timeout of {timeout} s for {n} samples") from e
 
 
-def _validate(values: Any, name: str, n: int) -> list[float]:
-    """The reward's values as floats (NaN for None), or a RewardError saying what is wrong and where."""
+def _validate(values: Any, name: str, n: int,
+              image_counts: Sequence[int] | None = None) -> tuple[list[float], dict[int, list[float]]]:
+    """The reward's values as floats (NaN for None), or a RewardError saying what is wrong and where. With
+    ``image_counts`` (images per sample), a sample's value may be a list of one value per image: returned too,
+    by sample index, its mean (of the values that apply) standing for the sample."""
     if isinstance(values, torch.Tensor) and values.dim() == 1:  # accepted for convenience; NaN/inf still fail
         values = values.tolist()
     if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
         raise RewardError(f"reward {name!r} returned {type(values).__name__}; expected a list of {n} floats or None")
     if len(values) != n:
         raise RewardError(f"reward {name!r} returned {len(values)} values; expected {n} (one per sample)")
-    out = []
+    out, lists = [], {}
     for i, v in enumerate(values):
-        if v is None:
-            out.append(float("nan"))
+        if isinstance(v, (list, tuple)) and image_counts is not None:
+            if len(v) != image_counts[i]:
+                raise RewardError(f"reward {name!r} returned {len(v)} values for sample {i}, whose chain drew "
+                                  f"{image_counts[i]} image(s); return one per image, or one number for the chain")
+            lists[i] = [_number(e, name, i, f" (image {k})") for k, e in enumerate(v)]
+            real = [e for e in lists[i] if not math.isnan(e)]
+            out.append(sum(real) / len(real) if real else float("nan"))
             continue
-        if not isinstance(v, numbers.Real):
-            raise RewardError(
-                f"reward {name!r} returned {type(v).__name__} {v!r:.60} for sample {i}; expected a float or None"
-            )
-        v = float(v)
-        if not math.isfinite(v):
-            raise RewardError(
-                f"reward {name!r} returned {v} for sample {i}; return None for a sample the reward does not apply to"
-            )
-        out.append(v)
-    return out
+        out.append(_number(v, name, i))
+    return out, lists
+
+
+def _number(v: Any, name: str, i: int, where: str = "") -> float:
+    """One returned value as a float (NaN for None), or the RewardError naming the reward and the sample."""
+    if v is None:
+        return float("nan")
+    if not isinstance(v, numbers.Real):
+        hint = ("; a list per sample (one value per image) is read only for chains that draw several images"
+                if isinstance(v, (list, tuple)) else "")
+        raise RewardError(
+            f"reward {name!r} returned {type(v).__name__} {v!r:.60} for sample {i}{where}; expected a float or None"
+            f"{hint}"
+        )
+    v = float(v)
+    if not math.isfinite(v):
+        raise RewardError(
+            f"reward {name!r} returned {v} for sample {i}{where}; return None for a sample the reward does not "
+            f"apply to"
+        )
+    return v

@@ -261,15 +261,19 @@ def drawer_for(image_policy, model: UnifiedModel, slots, step: int,
 
 def score_interleaved(rewards: list, rows, texts: list[str], record: InterleavedRecord, cfg, device,
                       completion_ids=None, seconds=None) -> torch.Tensor:
-    """(n, R) each chain's rewards, every reward called once per chain with ALL of its images; each image's
+    """(n, R) each chain's rewards (a reward that scores each image: the mean of its values), every reward called
+    once per chain with ALL of its images; each image's
     advantage (:func:`interleaved_credit`, group-normalised per slot) is stored on the record. The chains of a
     group must sit on one rank (the usual layout)."""
     from rgpo.scoring import score_samples
 
     n = len(rows)
+    per_image: dict[str, dict[int, list[float]]] = {}
     per_reward = score_samples(rewards, rows, texts, record.per_chain(n), cfg.rewards, device, completion_ids,
-                               seconds)
-    values = [[None if math.isnan(v) else v for v in row] for row in per_reward.tolist()]
+                               seconds, per_image)
+    # A reward's value for a chain: its list of per-image values where it returned one, else its number.
+    values = [[per_image[r.name][c] if c in per_image.get(r.name, {}) else (None if math.isnan(v) else v)
+               for r, v in zip(rewards, row)] for c, row in enumerate(per_reward.tolist())]
     counts = [record.count(c) for c in range(n)]
     group = cfg.rollout.num_generations
     if n % group:

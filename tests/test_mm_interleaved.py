@@ -478,6 +478,41 @@ def test_interleaved_credit_matches_the_worked_example():
         interleaved_credit([[1.0, [0.5]]], [2], [1.0, 1.0], 1)
 
 
+def test_rewards_scoring_each_image_reach_each_slots_advantage():
+    """The worked example through the trainer's scoring: ``fmt`` returns one number per chain, ``clip`` a list of
+    one value per image (``combine`` reads it because the chains drew several images); the chain rewards are the
+    list means, and each image's advantage is its slot's group-normalised value."""
+    import types
+
+    from PIL import Image
+
+    from rgpo.data import PromptRow
+    from rgpo.interleaved import DrawnImage, InterleavedRecord, score_interleaved
+    from rgpo.rewards import Reward
+
+    counts = [2, 1, 2]
+    record = InterleavedRecord({(c, s): DrawnImage(c, s, None, None, Image.new("RGB", (8, 8), (10 * c, 20 * s, 0)))
+                                for c in range(3) for s in range(counts[c])})
+    fmt = Reward("fmt", lambda completions, **kw: [1.0, 0.0, 1.0], weight=1.0)
+    seen = []
+
+    def clip(completions, images, **kw):
+        seen.append([len(chain) for chain in images])
+        return [[0.5, 0.1], [0.9], [0.3, 0.7]]
+
+    rows = [PromptRow("p", [], {}, "f.jsonl:1") for _ in range(3)]
+    cfg = types.SimpleNamespace(rewards=types.SimpleNamespace(timeout_s=None, parallel=False),
+                                rollout=types.SimpleNamespace(num_generations=3),
+                                loss=types.SimpleNamespace(advantage_scale="group", advantage_eps=0.0))
+    per_reward = score_interleaved([fmt, Reward("clip", clip, weight=2.0)], rows, ["a", "b", "c"], record, cfg,
+                                   torch.device("cpu"))
+    assert seen == [counts]  # every image of a chain, in one call
+    assert per_reward[:, 1].tolist() == pytest.approx([0.3, 0.9, 0.5])  # the per-image values' means
+    advantages = record.advantages
+    assert [advantages[(c, 0)] for c in range(3)] == pytest.approx([1.0, 0.0, -1.0])
+    assert advantages[(0, 1)] == pytest.approx(-1 / math.sqrt(2)) and advantages[(2, 1)] == pytest.approx(1 / math.sqrt(2))
+
+
 def _two_image_rollout(model, noise_level: float):
     from rgpo.interleaved import InterleavedDrawer
 

@@ -755,3 +755,31 @@ def test_imports_inside_the_rewards_package_are_relative():
                 names = [node.module or ""]
             offenders += [f"{path.name}: {n}" for n in names if n == "rewards" or n.startswith("rewards.")]
     assert offenders == []
+
+
+def test_a_reward_may_score_each_image_of_a_chain_that_drew_several():
+    """``combine(..., per_image=...)`` (chains drawing several images inside them): a list per sample, one value
+    per image; its mean stands for the chain. Without ``per_image`` a list is an error with a hint; a list of the
+    wrong length names the sample and its image count."""
+    from PIL import Image
+
+    image = Image.new("RGB", (4, 4))
+    images = [[image, image], [image], [image, image]]
+
+    def each(completions, images, **kwargs):
+        return [[0.2, 0.4], 0.5, [None, 1.0]]
+
+    per_image: dict = {}
+    total, per = combine([each], [2.0], ["p"] * 3, ["a", "b", "c"], images, {}, per_image=per_image)
+    assert per[:, 0].tolist() == pytest.approx([0.3, 0.5, 1.0]) and total.tolist() == pytest.approx([0.6, 1.0, 2.0])
+    assert per_image["each"][0] == pytest.approx([0.2, 0.4]) and 1 not in per_image["each"]
+    assert math.isnan(per_image["each"][2][0]) and per_image["each"][2][1] == 1.0
+    with pytest.raises(RewardError, match=r"reward 'each' returned list \[0.2, 0.4\] for sample 0; expected a "
+                                          r"float or None; a list per sample .* chains that draw several images"):
+        combine([each], None, ["p"] * 3, ["a", "b", "c"], images, {})
+
+    def short(completions, images, **kwargs):
+        return [[0.2], 0.5, [0.1, 0.2]]
+
+    with pytest.raises(RewardError, match=r"reward 'short' returned 1 values for sample 0, whose chain drew 2 image"):
+        combine([short], None, ["p"] * 3, ["a", "b", "c"], images, {}, per_image={})
