@@ -289,6 +289,10 @@ class UnifiedModel(torch.nn.Module):
     """Which of :data:`IMAGE_REGULARIZERS` the family can compute."""
     random_shapes: ClassVar[tuple[str, ...]] = ()
     """Names accepted by ``model.path: random:<shape>`` (random weights at a named size)."""
+    factories: ClassVar[tuple[str, str, str] | None] = None
+    """Where the family builds models in memory: ``(module, tiny function, random function)``, called as
+    ``tiny(seed=, dtype=)`` and ``random(shape, seed=, dtype=, device=)`` by :meth:`build_tiny` and
+    :meth:`build_random`."""
     language_config: ClassVar[str | None] = None
     """The language model's ``config.json`` inside the released folder (for :meth:`language_hidden_size`)."""
 
@@ -328,15 +332,31 @@ class UnifiedModel(torch.nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def _factory(cls, index: int) -> Callable[..., UnifiedModel]:
+        # Imported when first used: a family's factory module imports its modeling module.
+        import importlib
+
+        module, *functions = cls.factories
+        return getattr(importlib.import_module(module), functions[index])
+
+    @classmethod
     def build_tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, options: Any = None) -> UnifiedModel:
-        """A tiny random model built in memory (tests, smoke runs)."""
-        raise NotImplementedError
+        """A tiny random model built in memory (tests, smoke runs), with the typed ``options``."""
+        if cls.factories is None:
+            raise NotImplementedError(f"family {cls.family!r} has no tiny factory")
+        model = cls._factory(0)(seed=seed, dtype=dtype)
+        model.apply_options(options)
+        return model
 
     @classmethod
     def build_random(cls, shape: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None, options: Any = None) -> UnifiedModel:
-        """Random weights in one of :attr:`random_shapes` (``"meta"`` allocates nothing)."""
-        raise ValueError(f"family {cls.family!r} has no random shapes")
+        """Random weights in one of :attr:`random_shapes` (``"meta"`` allocates nothing), with ``options``."""
+        if cls.factories is None or not cls.random_shapes:
+            raise ValueError(f"family {cls.family!r} has no random shapes")
+        model = cls._factory(1)(shape, seed=seed, dtype=dtype, device=device)
+        model.apply_options(options)
+        return model
 
     @classmethod
     def language_hidden_size(cls, path: str | None) -> int | None:

@@ -102,6 +102,7 @@ class Blip3o(UnifiedModel):
     options_class = Blip3oOptions
     supported_regularizers = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
     random_shapes = ("tiny", "blip3o-8b", "blip3o-4b")
+    factories = ("rgpo.models.blip3o.tiny", "build_tiny_blip3o", "build_random_blip3o")
     language_config = "config.json"
 
     def __init__(self, vlm: nn.Module, tokenizer: Any, queries: LatentQueries, dit: Blip3oDiT, renderer: nn.Module,
@@ -195,23 +196,6 @@ class Blip3o(UnifiedModel):
         if height <= 0 or width <= 0 or height % 32 or width % 32:
             return "a positive multiple of 32: the VAE downsamples by 8 and the renderer's UNet by 4 more"
         return None
-
-    @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, options=None) -> Blip3o:
-        from .tiny import build_tiny_blip3o
-
-        model = build_tiny_blip3o(seed=seed, dtype=dtype)
-        model.apply_options(options)
-        return model
-
-    @classmethod
-    def build_random(cls, shape: str, seed: int = 0, dtype: torch.dtype = torch.float32, device=None,
-                     options=None) -> Blip3o:
-        from .tiny import build_random_blip3o
-
-        model = build_random_blip3o(shape, seed=seed, dtype=dtype, device=device)
-        model.apply_options(options)
-        return model
 
     @classmethod
     def random_shape_hidden_size(cls, shape: str) -> int | None:

@@ -98,6 +98,7 @@ class MindOmni(UnifiedModel):
     supported_regularizers = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
     compiled_decode_supported = True
     random_shapes = ("tiny", "mid", "mindomni-7b")
+    factories = ("rgpo.models.mindomni.tiny", "build_tiny_mindomni", "build_random_mindomni")
     language_config = "mllm/config.json"
 
     def __init__(
@@ -196,23 +197,6 @@ class MindOmni(UnifiedModel):
         if height <= 0 or width <= 0 or height % 16 or width % 16:
             return "a positive multiple of 16: the VAE downsamples by 8 and the decoder patches by 2"
         return None
-
-    @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, options=None) -> MindOmni:
-        from .tiny import build_tiny_mindomni
-
-        model = build_tiny_mindomni(seed=seed, dtype=dtype)
-        model.apply_options(options)
-        return model
-
-    @classmethod
-    def build_random(cls, shape: str, seed: int = 0, dtype: torch.dtype = torch.float32, device=None,
-                     options=None) -> MindOmni:
-        from .tiny import build_random_mindomni
-
-        model = build_random_mindomni(shape, seed=seed, dtype=dtype, device=device)
-        model.apply_options(options)
-        return model
 
     @classmethod
     def random_shape_hidden_size(cls, shape: str) -> int | None:

@@ -146,6 +146,7 @@ class MMInterleaved(UnifiedModel):
     options_class = MMInterleavedOptions
     supported_regularizers = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
     random_shapes = ("tiny", "mm-interleaved-13b")
+    factories = ("rgpo.models.mm_interleaved.tiny", "build_tiny_mm_interleaved", "build_random_mm_interleaved")
     language_config = "assets/lmsys/vicuna-13b-v1.3/config.json"
 
     def __init__(self, visual_tokenizer: VisualTokenizer, mm_decoder: nn.Module, text_decoder: TextDecoder,
@@ -274,23 +275,6 @@ class MMInterleaved(UnifiedModel):
         return 2 ** (len(self.image_decoder.decoder.vae.config.block_out_channels) - 1)
 
     # -- construction ---------------------------------------------------------------------------------------------
-    @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, options=None) -> MMInterleaved:
-        from .tiny import build_tiny_mm_interleaved
-
-        model = build_tiny_mm_interleaved(seed=seed, dtype=dtype)
-        model.apply_options(options)
-        return model
-
-    @classmethod
-    def build_random(cls, shape: str, seed: int = 0, dtype: torch.dtype = torch.float32, device=None,
-                     options=None) -> MMInterleaved:
-        from .tiny import build_random_mm_interleaved
-
-        model = build_random_mm_interleaved(shape, seed=seed, dtype=dtype, device=device)
-        model.apply_options(options)
-        return model
-
     @classmethod
     def random_shape_hidden_size(cls, shape: str) -> int | None:
         from .tiny import RANDOM_SHAPES, TINY

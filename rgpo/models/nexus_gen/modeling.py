@@ -164,6 +164,7 @@ class NexusGen(UnifiedModel):
     options_class = NexusGenOptions
     supported_regularizers = ("feature_kl", "velocity_mse", "gaussian_kl", "none")
     random_shapes = ("tiny", "nexus-gen")
+    factories = ("rgpo.models.nexus_gen.tiny", "build_tiny_nexus_gen", "build_random_nexus_gen")
     language_config = "config.json"
 
     def __init__(self, vlm: nn.Module, processor: Any, prefill: Prefill, adapter: nn.Module, transformer: nn.Module,
@@ -262,23 +263,6 @@ class NexusGen(UnifiedModel):
         if height <= 0 or width <= 0 or height % 16 or width % 16:
             return "a positive multiple of 16: the AE downsamples by 8 and FLUX packs 2 x 2"
         return None
-
-    @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, options=None) -> NexusGen:
-        from .tiny import build_tiny_nexus_gen
-
-        model = build_tiny_nexus_gen(seed=seed, dtype=dtype)
-        model.apply_options(options)
-        return model
-
-    @classmethod
-    def build_random(cls, shape: str, seed: int = 0, dtype: torch.dtype = torch.float32, device=None,
-                     options=None) -> NexusGen:
-        from .tiny import build_random_nexus_gen
-
-        model = build_random_nexus_gen(shape, seed=seed, dtype=dtype, device=device)
-        model.apply_options(options)
-        return model
 
     @classmethod
     def random_shape_hidden_size(cls, shape: str) -> int | None:
