@@ -299,6 +299,8 @@ def loss_uses_advantages(advantages: torch.Tensor, gradient: torch.Tensor | None
     moving = advantages.detach().abs() > eps
     if not bool(moving.any()):
         return None
+    if gradient is not None and not bool(torch.isfinite(gradient[moving]).all()):
+        return None  # a NaN/inf backward: the step is skipped and counted as non-finite, not judged here
     if gradient is not None and bool((gradient[moving].abs() > 0).any()):
         return None
     return Finding("loss_advantages", f"the update's loss does not depend on the advantages ({int(moving.sum())} "
